@@ -1,0 +1,563 @@
+"""The configuration: one frozen :class:`Config` built from the environment.
+
+This module is the only reader of ``os.environ``. Every setting is declared once, on its
+:class:`Config` field, as a :class:`Setting`: the variable(s) it is read from, what it accepts (the
+parser that checks it), its default (the field default) and a one-line doc. :meth:`Config.from_env`,
+:meth:`Config.describe`, :func:`env_table_markdown` (the README table) and the printer all walk
+those declarations, so they cannot drift apart.
+
+Rules shared by every variable (PROTOCOL §1):
+
+* an empty value counts as unset, as in Rango's ``getEnv``;
+* an invalid value raises :class:`~ranger_py.errors.ConfigError` naming the variable and saying
+  what is accepted; nothing is silently replaced by a default.
+
+``python -m ranger_py.config`` prints the effective configuration with secrets masked, or the
+error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from ranger_py.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Parser",
+    "Setting",
+    "env_table_markdown",
+    "main",
+    "mask_url",
+    "settings",
+]
+
+_T = TypeVar("_T")
+
+MASK = "***"
+_META_KEY = "ranger_py.setting"
+
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")
+
+# LOG_LEVEL takes Rango's zerolog names and Python's; values are the logging level names.
+LOG_LEVELS = {
+    "trace": "DEBUG",  # zerolog's level below debug; logging has none
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "fatal": "CRITICAL",
+    "critical": "CRITICAL",
+    "panic": "CRITICAL",
+}
+
+
+def _hide(text: str) -> str:
+    return MASK
+
+
+def _quoted(raw: str) -> str:
+    return json.dumps(raw, ensure_ascii=False)
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with the password of its userinfo replaced by ``***``.
+
+    Anything that is not a URL with a password comes back unchanged.
+    """
+    scheme, sep, rest = url.partition("://")
+    # Split at the last "@" anywhere, not only in the authority: a password with an unescaped
+    # "/", "?", "#" or "@" is still hidden. At worst more than the password is masked.
+    userinfo, at, hostpart = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not sep or not at or not colon:
+        return url
+    return f"{scheme}://{user}:{MASK}@{hostpart}"
+
+
+# Parsers: each checks one raw (non-empty) value and returns the typed value. ``accepts`` finishes
+# the sentence '"<raw>" is not ...' of the error, and fills the README's "Accepted" column.
+
+
+class Parser:
+    """Base of the value checkers; as it is, it accepts any text and keeps it."""
+
+    accepts: str = "any text"
+
+    def __call__(self, variable: str, raw: str) -> Any:
+        return raw
+
+    def reject(self, variable: str, raw: str) -> ConfigError:
+        return ConfigError(variable, f"{_quoted(raw)} is not {self.accepts}")
+
+
+class _Text(Parser):
+    """Any non-blank text, kept as written."""
+
+    accepts = "a non-blank text"
+
+    def __call__(self, variable: str, raw: str) -> str:
+        if not raw.strip():
+            raise self.reject(variable, raw)
+        return raw
+
+
+class _Integer(Parser):
+    def __init__(self, low: int, high: int | None = None) -> None:
+        self.low = low
+        self.high = high
+        if high is None:
+            self.accepts = f"an integer >= {low}"
+        else:
+            self.accepts = f"an integer between {low} and {high}"
+
+    def __call__(self, variable: str, raw: str) -> int:
+        text = raw.strip()
+        # int() would also take "1_000" and non-ASCII digits; an env value should be plain.
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise self.reject(variable, raw)
+        value = int(text)
+        if value < self.low or (self.high is not None and value > self.high):
+            raise self.reject(variable, raw)
+        return value
+
+
+class _Seconds(Parser):
+    accepts = "a number of seconds > 0"
+
+    def __call__(self, variable: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self.reject(variable, raw) from None
+        if not math.isfinite(value) or value <= 0:
+            raise self.reject(variable, raw)
+        return value
+
+
+class _Choice(Parser):
+    """One of a fixed set of words, matched case-insensitively, stored as ``choices`` maps it."""
+
+    def __init__(self, choices: Mapping[str, str]) -> None:
+        self.choices = {word.lower(): value for word, value in choices.items()}
+        words = list(choices)
+        self.accepts = f"one of {', '.join(words[:-1])} or {words[-1]}"
+
+    def __call__(self, variable: str, raw: str) -> str:
+        try:
+            return self.choices[raw.strip().lower()]
+        except KeyError:
+            raise self.reject(variable, raw) from None
+
+
+class _AmqpUrl(Parser):
+    accepts = "an AMQP URL (amqp://user:password@host:port/vhost or amqps://...)"
+
+    def __call__(self, variable: str, raw: str) -> str:
+        url = raw.strip()
+        if not url.lower().startswith(("amqp://", "amqps://")):
+            raise self.reject(variable, raw)
+        try:
+            urlsplit(url).port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise self.reject(variable, raw) from None
+        return url
+
+    def reject(self, variable: str, raw: str) -> ConfigError:
+        # The error is printed and logged: never show the password it may contain.
+        return super().reject(variable, mask_url(raw))
+
+
+def _items(raw: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in raw.split(",")) if item)
+
+
+class _CommaList(Parser):
+    """A comma list; items trimmed, empty items dropped."""
+
+    accepts = "a comma-separated list"
+
+    def __call__(self, variable: str, raw: str) -> tuple[str, ...]:
+        return _items(raw)
+
+
+class _Roles(Parser):
+    accepts = "a comma-separated list of roles"
+
+    def __call__(self, variable: str, raw: str) -> frozenset[str]:
+        # Rango does not trim, so "admin, trader" allowed the role " trader"; we trim (PROTOCOL §1).
+        return frozenset(_items(raw))
+
+
+# The host part of an origin as Go's url.Parse accepts it: a bracketed IPv6 address or the
+# characters Go allows in a host name, then an optional ":port" (Go also takes an empty port).
+_ORIGIN_HOST = re.compile(
+    r"(?:\[[0-9a-f:.%]+\]|[a-z0-9\-._~!$&'()*+,;=%\x80-\U0010ffff]+)(?::[0-9]*)?"
+)
+
+
+class _CorsOrigins(Parser):
+    accepts = "a comma-separated list of hosts or http(s)://host[:port] origins"
+
+    def __call__(self, variable: str, raw: str) -> tuple[str, ...]:
+        # Rango's checkSameOrigin: split on ",", trim, keep the host of http(s) entries and other
+        # entries verbatim (an empty entry matches "Origin: null"); all compared lowercased.
+        # Rango panics on a bad URL; we stop with a ConfigError (PROTOCOL §1). Unlike Rango, the
+        # scheme is matched in any case, so "HTTPS://host" is parsed too.
+        return tuple(self._entry(variable, part.strip()) for part in raw.split(","))
+
+    def _entry(self, variable: str, entry: str) -> str:
+        lowered = entry.lower()
+        if not lowered.startswith(("http://", "https://")):
+            return lowered
+        try:
+            netloc = urlsplit(lowered).netloc
+        except ValueError:
+            netloc = ""
+        host = netloc.rpartition("@")[2]
+        if not _ORIGIN_HOST.fullmatch(host):
+            problem = (
+                f"{_quoted(entry)} is not an origin: use host, host:port or http(s)://host[:port]"
+            )
+            raise ConfigError(variable, problem)
+        return host
+
+
+class _Path(Parser):
+    accepts = 'a URL path starting with "/", without spaces'
+
+    def __call__(self, variable: str, raw: str) -> str:
+        if not raw.startswith("/") or any(char.isspace() for char in raw):
+            raise self.reject(variable, raw)
+        return raw
+
+
+_LOG_LEVEL = _Choice(LOG_LEVELS)
+_PORT = _Integer(1, 65535)
+_COUNT = _Integer(1)
+_LEEWAY = _Integer(0)
+_ANY = Parser()
+
+
+def _show(value: object) -> str:
+    """Render a typed value as an operator would write it in the environment."""
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value) if value else "none"
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    if isinstance(value, Mapping):
+        return " ".join(f"{key}={_show(item)}" for key, item in sorted(value.items())) or "none"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one :class:`Config` field is read from the environment.
+
+    Attributes:
+        env: The variables read, first non-empty one wins. For a family (``family=True``) the one
+            entry is a prefix, and every variable starting with it is read.
+        parse: Checks a raw value and returns the typed one; raises ConfigError.
+        doc: One line for the README and the printer.
+        mask: For a secret, turns the shown value into one safe to print.
+        family: ``env[0]`` is a prefix; the field maps each lowercased suffix to its parsed value.
+    """
+
+    env: tuple[str, ...]
+    parse: Parser
+    doc: str
+    mask: Callable[[str], str] | None = None
+    family: bool = False
+
+    @property
+    def name(self) -> str:
+        """The variable as documentation writes it."""
+        return f"{self.env[0]}<PREFIX>" if self.family else self.env[0]
+
+    def show(self, value: object) -> str:
+        """Render ``value`` of this setting for the printer, masked if it is a secret."""
+        text = _show(value)
+        return self.mask(text) if self.mask is not None else text
+
+
+def _setting(
+    env: str | tuple[str, ...],
+    default: _T,
+    parse: Parser,
+    doc: str,
+    *,
+    mask: Callable[[str], str] | None = None,
+    family: bool = False,
+) -> _T:
+    names = (env,) if isinstance(env, str) else env
+    meta = {_META_KEY: Setting(names, parse, doc, mask=mask, family=family)}
+    if isinstance(default, Mapping):
+        # A dataclass default must be immutable; a mapping is given through a factory.
+        frozen = MappingProxyType(dict(default))
+        return field(default_factory=lambda: frozen, metadata=meta)  # type: ignore[return-value]
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration of ranger-py; build it with :meth:`from_env`.
+
+    ``Config()`` is the configuration of an empty environment (every default).
+    """
+
+    host: str = _setting(
+        "RANGER_HOST", "0.0.0.0", _Text(), "listen address of the websocket server"
+    )
+    # Heroku gives the port to bind in PORT (PROTOCOL §1).
+    port: int = _setting(
+        ("RANGER_PORT", "PORT"), 8080, _PORT, "listen port; PORT (Heroku) when RANGER_PORT is unset"
+    )
+    workers: int = _setting("WEB_CONCURRENCY", 1, _COUNT, "gunicorn worker processes")
+    rabbitmq_host: str = _setting("RABBITMQ_HOST", "localhost", _Text(), "RabbitMQ host")
+    rabbitmq_port: int = _setting("RABBITMQ_PORT", 5672, _PORT, "RabbitMQ port")
+    rabbitmq_user: str = _setting("RABBITMQ_USER", "guest", _ANY, "RabbitMQ user")
+    rabbitmq_password: str = _setting(
+        "RABBITMQ_PASSWORD", "guest", _ANY, "RabbitMQ password", mask=_hide
+    )
+    rabbitmq_vhost: str = _setting("RABBITMQ_VHOST", "/", _ANY, "RabbitMQ virtual host")
+    rabbitmq_url: str | None = _setting(
+        ("RABBITMQ_URL", "CLOUDAMQP_URL", "AMQP_URL"),
+        None,
+        _AmqpUrl(),
+        "full broker URL (else CLOUDAMQP_URL, AMQP_URL); replaces the RABBITMQ_* values",
+        mask=mask_url,
+    )
+    exchange: str = _setting(
+        "RANGER_EXCHANGE", "peatio.events.ranger", _Text(), "topic exchange Peatio publishes to"
+    )
+    jwt_public_key: str | None = _setting(
+        "JWT_PUBLIC_KEY", None, _ANY, "base64 of the PEM public key checking tokens"
+    )
+    jwt_algorithm: str | None = _setting(
+        "JWT_ALGORITHM",
+        None,
+        _Choice({name: name for name in JWT_ALGORITHMS}),
+        "the only JWT algorithm accepted; unset: the one the key type implies",
+    )
+    jwt_issuer: str | None = _setting("JWT_ISSUER", None, _ANY, "required iss claim")
+    jwt_audience: tuple[str, ...] = _setting(
+        "JWT_AUDIENCE", (), _CommaList(), "accepted aud values; unset: aud is not checked"
+    )
+    jwt_default_leeway: int = _setting(
+        "JWT_DEFAULT_LEEWAY", 0, _LEEWAY, "seconds of clock skew allowed on exp, nbf and iat"
+    )
+    jwt_issued_at_leeway: int | None = _setting(
+        "JWT_ISSUED_AT_LEEWAY", None, _LEEWAY, "leeway on iat; unset: JWT_DEFAULT_LEEWAY"
+    )
+    jwt_expiration_leeway: int | None = _setting(
+        "JWT_EXPIRATION_LEEWAY", None, _LEEWAY, "leeway on exp; unset: JWT_DEFAULT_LEEWAY"
+    )
+    jwt_not_before_leeway: int | None = _setting(
+        "JWT_NOT_BEFORE_LEEWAY", None, _LEEWAY, "leeway on nbf; unset: JWT_DEFAULT_LEEWAY"
+    )
+    cors_origins: tuple[str, ...] | None = _setting(
+        "API_CORS_ORIGINS",
+        None,
+        _CorsOrigins(),
+        "allowed Origin hosts; unset: the Origin host must equal the Host header",
+    )
+    rbac: Mapping[str, frozenset[str]] = _setting(
+        "RANGO_RBAC_",
+        MappingProxyType({}),
+        _Roles(),
+        "roles allowed on the prefixed streams <prefix>.<market>.<event>",
+        family=True,
+    )
+    log_level: str = _setting(
+        "LOG_LEVEL", "INFO", _LOG_LEVEL, "logging level (Rango's trace, fatal, panic also work)"
+    )
+    metrics_host: str = _setting(
+        "METRICS_HOST", "0.0.0.0", _Text(), "listen address of the Prometheus endpoint"
+    )
+    metrics_port: int = _setting(
+        "METRICS_PORT", 4242, _PORT, "listen port of the Prometheus endpoint"
+    )
+    max_message_size: int = _setting(
+        "RANGER_MAX_MESSAGE_SIZE", 4096, _Integer(128), "bytes; a longer client message closes 1009"
+    )
+    send_queue_size: int = _setting(
+        "RANGER_SEND_QUEUE_SIZE", 256, _COUNT, "frames queued per client; past it, close 1008"
+    )
+    ping_interval: float = _setting(
+        "RANGER_PING_INTERVAL", 54.0, _Seconds(), "seconds between server pings"
+    )
+    pong_timeout: float = _setting(
+        "RANGER_PONG_TIMEOUT",
+        60.0,
+        _Seconds(),
+        "seconds without any frame from a client before close",
+    )
+    write_timeout: float = _setting(
+        "RANGER_WRITE_TIMEOUT", 10.0, _Seconds(), "seconds allowed for one write to a client"
+    )
+    max_streams: int = _setting(
+        "RANGER_MAX_STREAMS", 100, _COUNT, "streams one connection may subscribe to"
+    )
+    orderbook_max_increments: int = _setting(
+        "RANGER_ORDERBOOK_MAX_INCREMENTS",
+        10000,
+        _COUNT,
+        "order-book increments cached after a snapshot",
+    )
+    max_connections: int = _setting(
+        "RANGER_MAX_CONNECTIONS", 10000, _COUNT, "websockets per worker; past it, HTTP 503"
+    )
+    queue_max_length: int = _setting(
+        "RANGER_QUEUE_MAX_LENGTH", 100000, _COUNT, "x-max-length of each worker's broker queue"
+    )
+    echo_path: str | None = _setting(
+        "RANGER_ECHO_PATH", None, _Path(), "testing only: this path serves an echo websocket"
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build the configuration from ``environ`` (``os.environ`` in production).
+
+        Raises:
+            ConfigError: a variable has a value that is not accepted; it names the variable.
+        """
+        values: dict[str, Any] = {}
+        for name, setting in settings():
+            if setting.family:
+                values[name] = _read_family(setting, environ)
+                continue
+            for variable in setting.env:
+                raw = environ.get(variable, "")
+                if raw != "":
+                    values[name] = setting.parse(variable, raw)
+                    break
+        return cls(**values)
+
+    @classmethod
+    def load(cls) -> Config:
+        """The configuration of this process, from ``os.environ``."""
+        return cls.from_env(os.environ)
+
+    @property
+    def amqp_url(self) -> str:
+        """The broker URL: ``rabbitmq_url`` if set, else one built from the RABBITMQ_* values.
+
+        User, password and vhost are percent-escaped (Rango does not escape them, so a password
+        with "@" or "/" broke its URL); the default vhost "/" becomes "%2F".
+        """
+        if self.rabbitmq_url is not None:
+            return self.rabbitmq_url
+        user, password, vhost = (
+            quote(part, safe="")
+            for part in (self.rabbitmq_user, self.rabbitmq_password, self.rabbitmq_vhost)
+        )
+        return f"amqp://{user}:{password}@{self.rabbitmq_host}:{self.rabbitmq_port}/{vhost}"
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Return ``(variable, effective value, doc)`` for every setting, secrets masked.
+
+        A family (RANGO_RBAC_<PREFIX>) gives one row per variable found, or one "none" row.
+        """
+        rows = []
+        for name, setting in settings():
+            value = getattr(self, name)
+            if setting.family and value:
+                for key in sorted(value):
+                    variable = f"{setting.env[0]}{key.upper()}"
+                    rows.append((variable, setting.show(value[key]), setting.doc))
+            else:
+                rows.append((setting.name, setting.show(value), setting.doc))
+        return rows
+
+
+def settings() -> list[tuple[str, Setting]]:
+    """Return ``(attribute, Setting)`` for every :class:`Config` field, in declaration order."""
+    return [(f.name, f.metadata[_META_KEY]) for f in fields(Config)]
+
+
+def _read_family(setting: Setting, environ: Mapping[str, str]) -> Mapping[str, Any]:
+    """Read every ``<prefix><SUFFIX>`` variable into ``{suffix.lower(): parsed}``.
+
+    Rango's envToMatrix lowercases the suffix; an empty value counts as unset here too (Rango
+    turned it into the role "", which matched anonymous clients).
+    """
+    prefix = setting.env[0]
+    found: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for variable in sorted(environ):
+        raw = environ[variable]
+        if not variable.startswith(prefix) or raw == "":
+            continue
+        key = variable[len(prefix) :].lower()
+        if not key or "." in key:
+            problem = f'the stream prefix after {prefix} must be non-empty, without "."'
+            raise ConfigError(variable, problem)
+        if key in seen:
+            raise ConfigError(variable, f"names the same stream prefix as {seen[key]}")
+        seen[key] = variable
+        found[key] = setting.parse(variable, raw)
+    return MappingProxyType(found)
+
+
+def env_table_markdown() -> str:
+    """Render every variable as a Markdown table (the README's configuration section)."""
+
+    def cell(text: str) -> str:
+        # Keep "|" from ending the cell and "<prefix>" from being read as an HTML tag.
+        return re.sub(r"([|<>*])", r"\\\1", text)
+
+    defaults = Config()
+    lines = [
+        "| Variable | Default | Accepted | Description |",
+        "|---|---|---|---|",
+    ]
+    for name, setting in settings():
+        variable = ", else ".join(f"`{env}`" for env in setting.env)
+        if setting.family:
+            variable = f"`{setting.name}`"
+        default = _show(getattr(defaults, name))
+        if default not in ("unset", "none"):
+            default = f"`{default}`"
+        cells = (variable, default, cell(setting.parse.accepts), cell(setting.doc))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format(config: Config) -> str:
+    rows = config.describe()
+    name_width = max(len(row[0]) for row in rows)
+    value_width = max(len(row[1]) for row in rows)
+    lines = ["# ranger-py effective configuration (secrets masked)"]
+    lines += [
+        f"{name:<{name_width}}  {value:<{value_width}}  # {doc}".rstrip()
+        for name, value, doc in rows
+    ]
+    lines.append(f"# broker URL in use: {mask_url(config.amqp_url)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    """Print the effective configuration; return the exit status (2 on a ConfigError)."""
+    try:
+        config = Config.from_env(os.environ if environ is None else environ)
+    except ConfigError as exc:
+        print(f"ranger-py: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(_format(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
