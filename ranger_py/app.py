@@ -1,0 +1,129 @@
+"""The WSGI application: plain HTTP answers, websocket upgrades, and the wiring of one worker.
+
+gunicorn parses each request in a short-lived greenlet. An upgrade is validated and
+authenticated here, answered with 101 on the raw socket, and the socket is then *handed over*
+to the hub (``HANDED_OVER``): the request greenlet ends, so an idle websocket keeps no greenlet
+(PROTOCOL §2, ``reference/hotpath.md``). Everything else gets a short plain HTTP answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from ranger_py.auth import ANONYMOUS, Auth, Authenticator
+from ranger_py.config import Config
+from ranger_py.errors import AuthError, HandshakeError
+from ranger_py.handshake import accept_key, check_origin, is_upgrade, switching_protocols
+from ranger_py.hub import Hub
+from ranger_py.protocol import streams_from_query
+
+__all__ = ["HANDED_OVER", "App", "create_app"]
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+
+# Returned instead of a body when the socket now belongs to the hub; ranger_py.worker turns it
+# into "stop serving this socket, do not close it".
+HANDED_OVER: list[bytes] = []
+
+
+def _status(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"
+
+
+class App:
+    """One worker's WSGI callable."""
+
+    def __init__(self, config: Config, hub: Hub, authenticator: Authenticator) -> None:
+        self.config = config
+        self.hub = hub
+        self.authenticator = authenticator
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            if is_upgrade(environ):
+                return self._upgrade(environ)
+            return self._http(environ, start_response)
+        except HandshakeError as exc:
+            headers = [("Content-Type", "application/json")]
+            if exc.status == 426:
+                headers.append(("Sec-WebSocket-Version", "13"))
+            start_response(_status(exc.status), headers)
+            return [exc.body]
+
+    # -- plain HTTP --------------------------------------------------------------------------
+
+    def _http(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthcheck":  # Ruby Ranger's probe
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"OK"]
+        if path == "/healthz":
+            return self._json(start_response, 200, {"status": "ok"})
+        if path == "/readyz":
+            if self.hub.ready:
+                return self._json(start_response, 200, {"status": "ready"})
+            return self._json(
+                start_response, 503, {"status": "unavailable", "reason": self.hub.status}
+            )
+        raise HandshakeError(400, "this endpoint only serves websocket upgrades")
+
+    @staticmethod
+    def _json(start_response: StartResponse, code: int, body: object) -> list[bytes]:
+        start_response(_status(code), [("Content-Type", "application/json")])
+        return [json.dumps(body).encode()]
+
+    # -- upgrades ----------------------------------------------------------------------------
+
+    def _upgrade(self, environ: dict[str, Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        accept = accept_key(environ)
+        check_origin(
+            self.config.cors_origins, environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", "")
+        )
+        if not self.hub.accepting:
+            raise HandshakeError(503, "server is shutting down")
+        if self.hub.full:
+            raise HandshakeError(503, "too many connections")
+        echo = self.config.echo_path is not None and path == self.config.echo_path
+        auth = ANONYMOUS if echo else self._authenticate(path, environ.get("HTTP_AUTHORIZATION"))
+        streams = [] if echo else streams_from_query(environ.get("QUERY_STRING", ""))
+
+        sock = environ["gunicorn.socket"]
+        sock.sendall(switching_protocols(accept))
+        fd = sock.detach()  # gunicorn's socket object lets go; the fd is the hub's now
+        if echo:
+            self.hub.attach_echo(fd)
+        else:
+            self.hub.attach(fd, auth, path, streams)
+        return HANDED_OVER
+
+    def _authenticate(self, path: str, header: str | None) -> Auth:
+        # PROTOCOL §2: /private and /private/ require a valid token; elsewhere it is optional and
+        # a bad one leaves the client anonymous (Rango's rule, not Ruby's disconnect).
+        required = path.rstrip("/") == "/private"
+        if header is None and not required:
+            return ANONYMOUS
+        try:
+            return self.authenticator.authenticate(header)
+        except AuthError as exc:
+            if required:
+                raise HandshakeError(401, f"Authorization failed: {exc.reason}") from None
+            log.debug("optional auth failed on %s: %s", path, exc.reason)
+            return ANONYMOUS
+
+
+def create_app() -> App:
+    """Build one worker's app; gunicorn calls this in each worker after gevent has patched."""
+    config = Config.load()
+    authenticator = Authenticator.from_config(config)
+    if not authenticator.enabled:
+        log.warning("JWT_PUBLIC_KEY is not set: /private answers 401 and every client is anonymous")
+    hub = Hub(config)
+    hub.start()
+    return App(config, hub, authenticator)

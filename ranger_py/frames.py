@@ -1,0 +1,152 @@
+"""RFC 6455 framing: server frames out, client frames in. Pure: bytes in, values out.
+
+Outbound frames are built here by hand because they are trivial and hot: a server frame is never
+masked (RFC 6455 §5.1), so one encoded frame serves every subscriber of a message.
+
+Inbound frames are parsed by wsproto's sans-I/O ``FrameProtocol`` (maintained, RFC-checked): it
+unmasks, reassembles fragments, validates UTF-8 incrementally and close payloads, and reports
+violations with the close code the RFC names. We add the message size limit it lacks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+
+from ranger_py.errors import CloseCode, CloseConnection
+
+__all__ = [
+    "PING",
+    "Close",
+    "FrameReader",
+    "Message",
+    "Ping",
+    "Pong",
+    "encode_binary",
+    "encode_close",
+    "encode_pong",
+    "encode_text",
+]
+
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+_FIN_CLOSE = 0x88
+_FIN_PONG = 0x8A
+
+# A server ping with no payload: the same two bytes every time.
+PING = b"\x89\x00"
+
+
+def _header(first: int, length: int) -> bytes:
+    # RFC 6455 §5.2: 7-bit length, or 126 + 16-bit, or 127 + 64-bit; never the mask bit.
+    if length < 126:
+        return bytes((first, length))
+    if length < 0x10000:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
+
+
+def encode_text(payload: bytes) -> bytes:
+    """One unfragmented text frame carrying ``payload`` (already UTF-8)."""
+    return _header(_FIN_TEXT, len(payload)) + payload
+
+
+def encode_binary(payload: bytes) -> bytes:
+    return _header(_FIN_BINARY, len(payload)) + payload
+
+
+def encode_pong(payload: bytes) -> bytes:
+    return _header(_FIN_PONG, len(payload)) + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit a control frame (125 bytes, §5.5)."""
+    data = reason.encode("utf-8")[:123]
+    # Never cut a UTF-8 sequence in half: the peer would fail us with 1007.
+    data = data.decode("utf-8", "ignore").encode("utf-8")
+    payload = struct.pack("!H", code) + data
+    return _header(_FIN_CLOSE, len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A complete data message: ``str`` for text frames, ``bytes`` for binary ones."""
+
+    data: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The peer's close frame; ``code`` is 1005 when it carried none (§7.1.5)."""
+
+    code: int
+    reason: str
+
+
+Event = Message | Ping | Pong | Close
+
+
+class FrameReader:
+    """Turns bytes from one client into events, enforcing ``max_size`` per message.
+
+    Raises ``CloseConnection`` with the RFC's code on any violation; the caller closes with it.
+    """
+
+    __slots__ = ("_max_size", "_parts", "_protocol", "_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._protocol = FrameProtocol(client=False, extensions=[])
+        self._max_size = max_size
+        self._parts: list[str | bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> Iterator[Event]:
+        """Yield the events ``data`` completes, lazily: those before a violation still count."""
+        self._protocol.receive_bytes(data)
+        try:
+            for frame in self._protocol.received_frames():
+                event = self._event(frame.opcode, frame.payload, frame.message_finished)
+                if event is not None:
+                    yield event
+        except ParseFailed as exc:
+            raise CloseConnection(CloseCode(int(exc.code)), str(exc)[:100]) from exc
+
+    def _event(self, opcode: Opcode, payload: object, finished: bool) -> Event | None:
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            assert isinstance(payload, (str, bytes))
+            # Checked on every fragment, so an oversized message is refused before it is buffered
+            # whole (wsproto streams partial frames; text is counted in code points, close enough).
+            self._size += len(payload)
+            if self._size > self._max_size:
+                raise CloseConnection(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            self._parts.append(payload)
+            if not finished:
+                return None
+            parts, self._parts, self._size = self._parts, [], 0
+            if opcode is Opcode.TEXT:
+                return Message("".join(parts))  # type: ignore[arg-type]
+            return Message(b"".join(parts))  # type: ignore[arg-type]
+        if opcode is Opcode.PING:
+            assert isinstance(payload, bytes)
+            return Ping(payload)
+        if opcode is Opcode.PONG:
+            assert isinstance(payload, bytes)
+            return Pong(payload)
+        if opcode is Opcode.CLOSE:
+            assert isinstance(payload, tuple)
+            code, reason = payload
+            return Close(int(code), reason)
+        return None  # pragma: no cover - wsproto rejects every other opcode itself

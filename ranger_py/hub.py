@@ -1,0 +1,198 @@
+"""The per-worker hub: connections, fan-out, flushing, timers, the consumer greenlet, shutdown.
+
+Data path: consumer greenlet → ``on_broker_message`` → router → one encoded frame → each
+recipient's pending list → one ``flush`` per loop turn, each socket's frames joined into one
+``send``. The fan-out never waits on a client and never switches greenlets mid-loop, so the
+router's sets can be iterated as they are.
+
+Everything runs in one OS thread under gevent; state is plain dicts and lists, no locks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from typing import Any
+
+import gevent
+from gevent.monkey import get_original
+
+from ranger_py.auth import Auth
+from ranger_py.config import Config
+from ranger_py.connection import Connection, EchoConnection
+from ranger_py.consumer import Consumer
+from ranger_py.errors import CloseCode
+from ranger_py.frames import encode_text
+from ranger_py.router import Delivery, Router
+from ranger_py.websocket import State, WebSocket
+
+__all__ = ["Hub"]
+
+log = logging.getLogger(__name__)
+
+# The unpatched socket class: connections are driven by our own io watchers, not by gevent's
+# cooperative socket wrapper (which would add a greenlet switch per blocking call).
+_RawSocket: type[socket.socket] = get_original("socket", "socket")
+
+# Yield to the event loop after this many broker messages in a row, so a backlog drain cannot
+# starve websocket I/O (reference/deps.md measured 1.4 s stalls without it). Between yields the
+# frames of up to this many messages are coalesced per client.
+_YIELD_EVERY = 64
+_SWEEP_INTERVAL = 1.0
+
+
+class Hub:
+    """Owns every websocket of this worker and the consumer that feeds them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(
+            config.rbac,
+            max_streams=config.max_streams,
+            max_increments=config.orderbook_max_increments,
+        )
+        self.loop: Any = gevent.get_hub().loop
+        self.connections: set[WebSocket] = set()
+        self.dirty: list[WebSocket] = []
+        self.consumer = Consumer.from_config(config, self.on_broker_message)
+        self._flush_pending = False
+        self._since_yield = 0
+        self._ids = itertools.count(1)
+        self._sweeper: Any = None
+        self._consumer_greenlet: gevent.Greenlet | None = None
+        self.accepting = True
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._consumer_greenlet = gevent.spawn(self.consumer.run_forever)
+        self._sweeper = self.loop.timer(_SWEEP_INTERVAL, _SWEEP_INTERVAL)
+        self._sweeper.start(self._sweep)
+
+    def shutdown(self, timeout: float) -> None:
+        """Close every client with 1001 and stop consuming; returns within ``timeout``."""
+        self.accepting = False
+        self.consumer.stop()
+        for ws in list(self.connections):
+            ws.close(CloseCode.GOING_AWAY, "server shutdown")
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for ws in list(self.connections):
+            ws.abort("shutdown timeout")
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        if self._consumer_greenlet is not None:
+            self._consumer_greenlet.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting and self.consumer.ready
+
+    @property
+    def status(self) -> str:
+        if not self.accepting:
+            return "shutting down"
+        return self.consumer.status
+
+    @property
+    def full(self) -> bool:
+        return len(self.connections) >= self.config.max_connections
+
+    # -- connections -------------------------------------------------------------------------
+
+    def attach(self, fd: int, auth: Auth, path: str, streams: list[str]) -> Connection:
+        """Take over an upgraded socket (already answered 101) as a gateway client."""
+        conn = Connection(
+            self,
+            self._socket(fd),
+            next(self._ids),
+            self.loop,
+            auth=auth,
+            path=path,
+            max_message_size=self.config.max_message_size,
+            queue_limit=self.config.send_queue_size,
+        )
+        self.connections.add(conn)
+        log.info("connection %d open path=%s uid=%s", conn.id, path, auth.uid or "-")
+        # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
+        conn.subscribe(streams)
+        return conn
+
+    def attach_echo(self, fd: int) -> EchoConnection:
+        ws = EchoConnection(
+            self,
+            self._socket(fd),
+            next(self._ids),
+            self.loop,
+            max_message_size=self.config.max_message_size,
+            queue_limit=self.config.send_queue_size,
+        )
+        self.connections.add(ws)
+        return ws
+
+    @staticmethod
+    def _socket(fd: int) -> socket.socket:
+        sock = _RawSocket(fileno=fd)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def closed(self, ws: WebSocket, reason: str) -> None:
+        """Called once by a websocket when its socket is gone."""
+        self.connections.discard(ws)
+        if isinstance(ws, Connection):
+            self.router.remove(ws)
+            log.info("connection %d closed: %s", ws.id, reason)
+
+    # -- fan-out -----------------------------------------------------------------------------
+
+    def on_broker_message(self, routing_key: str, body: bytes) -> None:
+        """Hot path: route one broker message and queue its frame for every recipient."""
+        outcome = self.router.route(routing_key, body)
+        if type(outcome) is Delivery:
+            recipients = outcome.recipients
+            if recipients:
+                frame = encode_text(outcome.payload)  # once, whatever the number of recipients
+                for ws in recipients:
+                    ws.queue(frame)  # type: ignore[attr-defined]
+                if self.dirty and not self._flush_pending:
+                    self._flush_pending = True
+                    self.loop.run_callback(self._flush)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("dropped message %r: %s", routing_key, outcome.reason)  # type: ignore[union-attr]
+        self._since_yield += 1
+        if self._since_yield >= _YIELD_EVERY:
+            self._since_yield = 0
+            gevent.sleep(0)
+
+    def request_flush(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        dirty, self.dirty = self.dirty, []
+        for ws in dirty:
+            try:
+                ws.flush()
+            except Exception:
+                log.exception("connection %d: flush failed", ws.id)
+                ws.abort("internal error")
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        config = self.config
+        for ws in list(self.connections):
+            if ws.state is State.CLOSED:
+                continue
+            try:
+                ws.tick(now, config.ping_interval, config.pong_timeout, config.write_timeout)
+            except Exception:
+                log.exception("connection %d: timer failed", ws.id)
+                ws.abort("internal error")

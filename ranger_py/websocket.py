@@ -1,0 +1,300 @@
+"""One websocket after the handshake: non-blocking reads and writes driven by the event loop.
+
+There is no greenlet per connection (a parked greenlet costs ~8 KB, ``reference/hotpath.md``):
+a libev io watcher calls ``_on_readable`` in gevent's hub when bytes arrive, and frames are
+written straight from the fan-out into a per-connection list that the owner flushes once per
+loop turn, all pending frames joined into one ``send``. A socket that cannot take everything
+gets a write watcher; until it drains, frames queue up to ``queue_limit`` and then the client is
+closed with 1008 so it can never hold back the others (PROTOCOL §2).
+
+Every method here runs in gevent's hub or in a greenlet that never switches while it runs them,
+so the state needs no locks; nothing here may block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from enum import IntEnum
+from typing import Any, Protocol
+
+from ranger_py.errors import CloseCode, CloseConnection
+from ranger_py.frames import (
+    PING,
+    Close,
+    FrameReader,
+    Message,
+    Ping,
+    encode_close,
+    encode_pong,
+    encode_text,
+)
+
+__all__ = ["Owner", "State", "WebSocket"]
+
+log = logging.getLogger(__name__)
+
+_RECV_SIZE = 65536
+# How long a closing socket waits for the peer's close frame once ours is out (RFC 6455 §7.1.1
+# lets the server drop TCP after that).
+_CLOSE_TIMEOUT = 5.0
+
+
+class State(IntEnum):
+    OPEN = 1
+    CLOSING = 2  # our close frame is queued or sent; waiting for the peer's
+    CLOSED = 3
+
+
+class Owner(Protocol):
+    """What a websocket needs from the per-worker hub that owns it."""
+
+    dirty: list[WebSocket]  # sockets with frames to flush this loop turn
+    loop: Any  # gevent's event loop, for io watchers
+
+    def request_flush(self) -> None: ...
+
+    def closed(self, ws: WebSocket, reason: str) -> None: ...
+
+
+class WebSocket:
+    """A server-side websocket on a non-blocking socket. Subclasses implement ``on_message``."""
+
+    __slots__ = (
+        "_blocked_since",
+        "_close_deadline",
+        "_limit",
+        "_out",
+        "_owner",
+        "_partial",
+        "_peer_closed",
+        "_read_watcher",
+        "_reader",
+        "_write_watcher",
+        "id",
+        "last_ping",
+        "last_seen",
+        "sock",
+        "state",
+    )
+
+    def __init__(
+        self,
+        owner: Owner,
+        sock: socket.socket,
+        conn_id: int,
+        loop: Any,
+        *,
+        max_message_size: int,
+        queue_limit: int,
+    ) -> None:
+        self._owner = owner
+        self.sock = sock
+        self.id = conn_id
+        self.state = State.OPEN
+        self._reader = FrameReader(max_message_size)
+        self._out: list[bytes] = []
+        self._limit = queue_limit
+        # True while _out[0] is the unsent tail of a frame that has partly gone out.
+        self._partial = False
+        self._peer_closed = False
+        self._blocked_since = 0.0
+        self._close_deadline = 0.0
+        self.last_seen = self.last_ping = time.monotonic()
+        self._write_watcher: Any = None
+        self._read_watcher: Any = loop.io(sock.fileno(), 1)
+        self._read_watcher.start(self._on_readable)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        raise NotImplementedError
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"read error: {exc.strerror}")
+            return
+        if not data:
+            self.abort("peer closed" if self._peer_closed else "connection lost")
+            return
+        self.last_seen = time.monotonic()
+        try:
+            for event in self._reader.feed(data):
+                if self.state is State.CLOSED:
+                    return
+                if type(event) is Message:
+                    if self.state is State.OPEN:
+                        self.on_message(event.data)
+                elif type(event) is Ping:
+                    self._queue_control(encode_pong(event.payload))
+                elif type(event) is Close:
+                    self._on_close_frame(event)
+                # A Pong only proves the peer is alive: last_seen is already updated.
+        except CloseConnection as exc:
+            self.close(exc.code, exc.reason)
+        except Exception:
+            log.exception("connection %s: unexpected error", self.id)
+            self.close(CloseCode.INTERNAL_ERROR)
+
+    def _on_close_frame(self, event: Close) -> None:
+        self._peer_closed = True
+        if self.state is State.OPEN:
+            # RFC 6455 §5.5.1: answer with a close frame, echoing the peer's status code.
+            code = CloseCode.NORMAL if event.code == 1005 else event.code
+            self.close(code, "")
+        elif not self._out:
+            self._finish("closed")
+
+    # -- outbound ----------------------------------------------------------------------------
+
+    def queue(self, frame: bytes) -> None:
+        """Hot path: add one encoded frame; the owner flushes once per loop turn."""
+        out = self._out
+        n = len(out)
+        if n >= self._limit:  # _limit is 0 once closing, so nothing follows the close frame
+            if self.state is State.OPEN:
+                self.close(CloseCode.POLICY_VIOLATION, "slow client", drop_pending=True)
+            return
+        if not n:
+            self._owner.dirty.append(self)
+        out.append(frame)
+
+    def send(self, payload: bytes) -> None:
+        """Queue one text message built for this client only, and get it flushed soon."""
+        self.queue(encode_text(payload))
+        self._owner.request_flush()
+
+    def send_many(self, payloads: list[bytes]) -> None:
+        """Queue several text messages as one entry: an order-book replay is one queue slot."""
+        if payloads:
+            self.queue(b"".join(encode_text(p) for p in payloads))
+            self._owner.request_flush()
+
+    def _queue_control(self, frame: bytes) -> None:
+        # Control frames (pong, ping) bypass the slow-client bound but not the closing rule.
+        if self.state is not State.OPEN:
+            return
+        if not self._out:
+            self._owner.dirty.append(self)
+        self._out.append(frame)
+        self._owner.request_flush()
+
+    def flush(self) -> None:
+        """Write whatever is pending in one ``send``; park the rest behind a write watcher."""
+        out = self._out
+        if not out or self._write_watcher is not None or self.state is State.CLOSED:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write error: {exc.strerror}")
+            return
+        if sent == len(data):
+            out.clear()
+            self._partial = False
+            self._blocked_since = 0.0
+            if self.state is State.CLOSING:
+                self._after_close_sent()
+            return
+        self._keep_unsent(sent)
+        # The write deadline counts time without progress, not the age of the backlog.
+        if sent or not self._blocked_since:
+            self._blocked_since = time.monotonic()
+        watcher = self._write_watcher = self._owner.loop.io(self.sock.fileno(), 2)
+        watcher.start(self._on_writable)
+
+    def _keep_unsent(self, sent: int) -> None:
+        # Drop the frames that went out whole; keep the tail of the one cut short. The queue
+        # still counts frames, so the slow-client bound means the same thing after a short write.
+        out = self._out
+        i = 0
+        while sent >= len(out[i]):
+            sent -= len(out[i])
+            i += 1
+        del out[:i]
+        if sent:
+            out[0] = out[0][sent:]
+            self._partial = True
+
+    def _on_writable(self) -> None:
+        watcher, self._write_watcher = self._write_watcher, None
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+        self.flush()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "", *, drop_pending: bool = False) -> None:
+        """Start the closing handshake (RFC 6455 §7.1.2); the socket closes once it completes."""
+        if self.state is not State.OPEN:
+            return
+        self.state = State.CLOSING
+        self._limit = 0
+        if drop_pending:
+            # A slow client is not owed its backlog; a frame already half-sent must be completed,
+            # or the close frame would land in the middle of it.
+            del self._out[1 if self._partial else 0 :]
+        if not self._out:
+            self._owner.dirty.append(self)
+        self._out.append(encode_close(code, reason))
+        self._close_deadline = time.monotonic() + _CLOSE_TIMEOUT
+        self._owner.request_flush()
+        log.debug("connection %s: closing with %s %s", self.id, code, reason)
+
+    def _after_close_sent(self) -> None:
+        if self._peer_closed:
+            self._finish("closed")
+        else:
+            # Tell the peer we are done writing; its close frame or EOF finishes us.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._finish("connection lost")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection without a closing handshake (peer gone or stuck)."""
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self._limit = 0
+        for watcher in (self._read_watcher, self._write_watcher):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._write_watcher = None
+        self._out.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._owner.closed(self, reason)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def tick(
+        self, now: float, ping_interval: float, idle_timeout: float, write_timeout: float
+    ) -> None:
+        """Called about once a second by the owner: pings, idle clients, stuck writes."""
+        if self.state is State.CLOSED:
+            return
+        if self._blocked_since and now - self._blocked_since > write_timeout:
+            self.abort("write timeout")
+        elif self.state is State.CLOSING:
+            if now > self._close_deadline and not self._blocked_since:
+                self._finish("close timeout")
+        elif now - self.last_seen > idle_timeout:
+            self.close(CloseCode.GOING_AWAY, "ping timeout")
+        elif now - self.last_ping >= ping_interval:
+            self.last_ping = now
+            self._queue_control(PING)

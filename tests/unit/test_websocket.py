@@ -1,0 +1,207 @@
+"""The websocket transport over a real socketpair, driven by gevent's loop (no monkey-patching).
+
+The server end is a raw non-blocking socket as in production; the test's end is a gevent socket,
+so waiting for bytes lets the loop run the server's watchers and flushes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import gevent.socket
+import pytest
+
+from ranger_py.frames import encode_text
+from ranger_py.websocket import State, WebSocket
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.loop: Any = gevent.get_hub().loop
+        self.dirty: list[WebSocket] = []
+        self.closed_reasons: list[str] = []
+        self._pending = False
+
+    def request_flush(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self.loop.run_callback(self.flush)
+
+    def flush(self) -> None:
+        self._pending = False
+        dirty, self.dirty = self.dirty, []
+        for ws in dirty:
+            ws.flush()
+
+    def closed(self, ws: WebSocket, reason: str) -> None:
+        self.closed_reasons.append(reason)
+
+
+class Recorder(WebSocket):
+    __slots__ = ("received",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[str | bytes] = []
+
+    def on_message(self, data: str | bytes) -> None:
+        self.received.append(data)
+        if data == "hello":
+            self.send(b"world")
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    mask = b"\x0a\x0b\x0c\x0d"
+    n = len(payload)
+    header = (
+        bytes((0x80 | opcode, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    )
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class Peer:
+    """The client end: reads server frames (unmasked) off a gevent socket."""
+
+    def __init__(self, sock: gevent.socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self, n: int) -> None:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+
+    def frame(self) -> tuple[int, bytes]:
+        self._fill(2)
+        opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+        offset = 2
+        if length == 126:
+            self._fill(4)
+            (length,) = struct.unpack("!H", self.buffer[2:4])
+            offset = 4
+        elif length == 127:
+            self._fill(10)
+            (length,) = struct.unpack("!Q", self.buffer[2:10])
+            offset = 10
+        self._fill(offset + length)
+        payload = self.buffer[offset : offset + length]
+        self.buffer = self.buffer[offset + length :]
+        return opcode, payload
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Owner, Any, Peer]]:
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    owner = Owner()
+
+    def make(**kwargs: Any) -> Recorder:
+        options = {"max_message_size": 4096, "queue_limit": 8} | kwargs
+        return Recorder(owner, server, 1, owner.loop, **options)
+
+    peer = Peer(gevent.socket.socket(fileno=client.detach()))
+    peer.sock.settimeout(5)
+    yield owner, make, peer
+    peer.sock.close()
+    server.close()
+
+
+def test_message_in_reply_out(pair: tuple[Owner, Any, Peer]) -> None:
+    _owner, make, peer = pair
+    ws = make()
+    peer.sock.sendall(masked(0x1, b"hello"))
+    assert peer.frame() == (0x1, b"world")
+    assert ws.received == ["hello"]
+
+
+def test_ping_gets_pong_with_its_payload(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    make()
+    peer.sock.sendall(masked(0x9, b"abc"))
+    assert peer.frame() == (0xA, b"abc")
+
+
+def test_frames_queued_in_one_turn_arrive_in_order(pair: tuple[Owner, Any, Peer]) -> None:
+    owner, make, peer = pair
+    ws = make()
+    for i in range(5):
+        ws.queue(encode_text(b"%d" % i))
+    owner.request_flush()
+    assert [peer.frame() for _ in range(5)] == [(0x1, b"%d" % i) for i in range(5)]
+
+
+def test_client_close_is_echoed_then_the_socket_closes(pair: tuple[Owner, Any, Peer]) -> None:
+    owner, make, peer = pair
+    ws = make()
+    peer.sock.sendall(masked(0x8, struct.pack("!H", 4000) + b"bye"))
+    assert peer.frame() == (0x8, struct.pack("!H", 4000))
+    with pytest.raises(EOFError):
+        peer.frame()
+    assert ws.state is State.CLOSED
+    assert owner.closed_reasons == ["closed"]
+
+
+def test_oversized_message_closes_with_1009(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    ws = make(max_message_size=128)
+    peer.sock.sendall(masked(0x1, b"x" * 128) + masked(0x1, b"y" * 129))
+    assert peer.frame() == (0x8, struct.pack("!H", 1009) + b"message too big")
+    assert ws.received == ["x" * 128]
+
+
+def test_protocol_error_closes_with_1002(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    make()
+    peer.sock.sendall(b"\x81\x02hi")  # unmasked client frame
+    assert peer.frame()[1][:2] == struct.pack("!H", 1002)
+
+
+def test_slow_client_is_closed_with_1008_and_others_never_wait(
+    pair: tuple[Owner, Any, Peer],
+) -> None:
+    owner, make, peer = pair
+    ws = make(queue_limit=4)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = encode_text(b"z" * 60000)
+    # The peer reads nothing: the kernel buffers fill, then the queue, then the bound trips.
+    for _ in range(200):
+        ws.queue(big)
+        owner.flush()
+        if ws.state is not State.OPEN:
+            break
+    assert ws.state is State.CLOSING
+    frames = []
+    while True:
+        opcode, payload = peer.frame()
+        frames.append(opcode)
+        if opcode == 0x8:
+            break
+    assert payload == struct.pack("!H", 1008) + b"slow client"
+    assert set(frames[:-1]) == {0x1}
+
+
+def test_idle_client_is_closed_and_pings_go_out(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    ws = make()
+    now = ws.last_seen
+    ws.tick(now + 5, ping_interval=5, idle_timeout=60, write_timeout=10)
+    assert peer.frame() == (0x9, b"")
+    ws.tick(now + 61, ping_interval=5, idle_timeout=60, write_timeout=10)
+    opcode, payload = peer.frame()
+    assert opcode == 0x8 and payload[:2] == struct.pack("!H", 1001)
+
+
+def test_peer_vanishing_finishes_the_connection(pair: tuple[Owner, Any, Peer]) -> None:
+    owner, make, peer = pair
+    ws = make()
+    peer.sock.close()
+    with gevent.Timeout(5):
+        while ws.state is not State.CLOSED:
+            gevent.sleep(0.01)
+    assert owner.closed_reasons == ["connection lost"]
