@@ -1,0 +1,376 @@
+"""Who is subscribed to what, where each broker message goes, and the order-book cache.
+
+Owns PROTOCOL §4 subscription rules (stream lists, anonymous and RBAC checks, the stream
+limit), §5 routing keys and outbound frames, and §6 order books. Pure: no sockets, no
+greenlets, no clock. The connection layer calls :meth:`Router.subscribe` and friends and sends
+what they return; the consumer calls :meth:`Router.route` once per broker message and writes
+the one payload it gets to every recipient.
+
+Tables, every one pruned as soon as an entry empties:
+
+* ``_clients``: client -> {stream name: kind}, insertion-ordered; only clients that hold at
+  least one stream are in it, so a connection that never subscribes costs nothing here.
+* ``_topics``: public or prefixed stream name -> clients. One table serves both because the
+  names cannot collide: a prefixed name has exactly two dots, the public topics a routing key
+  can produce exactly one.
+* ``_private``: (uid, event) -> clients, so one lookup finds every connection of that user.
+* ``_books``: public ``<m>.<x>-inc`` topic -> [snapshot frame, increment frames...].
+
+:meth:`Router.route` outcomes, for the metrics (PROTOCOL §7):
+
+* :class:`Delivery` with recipients: received and delivered.
+* :class:`Delivery` with no recipients: received, nobody to deliver to. A public ``-snap``
+  is reported this way too: it is cached, never broadcast live (§6).
+* :class:`Dropped`, ``reason`` one of :data:`DROP_REASONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
+
+from ranger_py.errors import TooManyStreams
+from ranger_py.protocol import (
+    StreamKind,
+    cannot_subscribe_reply,
+    stream_kind,
+    subscribed_reply,
+    unsubscribed_reply,
+)
+
+if TYPE_CHECKING:
+    # Only the type: importing auth at run time would pull jwt into every importer of router.
+    from ranger_py.auth import Auth
+
+__all__ = ["DROP_REASONS", "Delivery", "Dropped", "Router", "Subscriber"]
+
+_log = logging.getLogger(__name__)
+
+_PUBLIC: Final = StreamKind.PUBLIC
+_PRIVATE: Final = StreamKind.PRIVATE
+_PREFIXED: Final = StreamKind.PREFIXED
+
+_PUBLIC_SCOPES: Final = frozenset({"public", "global"})
+_SNAP: Final = "-snap"
+_INC: Final = "-inc"
+
+# Encoded frame prefixes are cached per topic; publishers choose routing keys, so the cache is
+# bounded and simply starts over when full.
+_PREFIX_CACHE_SIZE: Final = 4096
+
+
+class Subscriber(Protocol):
+    """A connection as the router sees it: hashable, with a fixed identity.
+
+    ``auth`` must not change while the connection holds subscriptions: private memberships
+    are filed under its ``uid``.
+    """
+
+    @property
+    def auth(self) -> Auth: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One broker message to send: the same ``payload`` bytes to each of ``recipients``.
+
+    ``recipients`` may be the router's own live set, to spare a copy per message. Iterate it
+    at once, without switching greenlets and without calling :meth:`Router.subscribe`,
+    :meth:`Router.unsubscribe` or :meth:`Router.remove` meanwhile (defer the removal of a
+    client that fails mid-loop, or iterate a copy in that case).
+    """
+
+    payload: bytes
+    recipients: Collection[Subscriber]
+
+
+DROP_REASONS: Final = ("bad_routing_key", "bad_json", "no_snapshot", "book_overflow")
+"""Every :attr:`Dropped.reason`, fixed so metrics can pre-create their label values.
+
+* ``bad_routing_key``: not one of the §5 shapes.
+* ``bad_json``: the body is not UTF-8 JSON (NaN and Infinity refused too).
+* ``no_snapshot``: a public ``-inc`` with no snapshot cached (§6).
+* ``book_overflow``: a public ``-inc`` past the increment bound; the cache entry is gone
+  until the next snapshot (§6).
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A broker message that reaches nobody; ``reason`` is one of :data:`DROP_REASONS`."""
+
+    reason: str
+
+
+_BAD_ROUTING_KEY: Final = Dropped("bad_routing_key")
+_BAD_JSON: Final = Dropped("bad_json")
+_NO_SNAPSHOT: Final = Dropped("no_snapshot")
+_BOOK_OVERFLOW: Final = Dropped("book_overflow")
+_NOBODY: Final[frozenset[Subscriber]] = frozenset()
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+# json.loads(bytes) would guess UTF-16/32 and accept NaN: bodies are decoded as UTF-8 and
+# checked by this decoder, built once. raw_decode skips json.loads' two whitespace regex
+# matches; the caller strips JSON whitespace (not bytes.strip(): \v and \f are not JSON).
+_raw_decode: Final = json.JSONDecoder(parse_constant=_refuse_constant).raw_decode
+_JSON_SPACE: Final = b" \t\n\r"
+
+
+class Router:
+    """Subscriptions of every connection of one worker, and routing of broker messages.
+
+    Args:
+        rbac: prefix -> roles allowed on prefixed streams ``<prefix>.*.*`` (exact match).
+        max_streams: most streams one connection may hold (PROTOCOL §4, "Too many streams").
+        max_increments: most increments cached after one snapshot (PROTOCOL §6).
+    """
+
+    def __init__(
+        self,
+        rbac: Mapping[str, frozenset[str]],
+        max_streams: int = 100,
+        max_increments: int = 10000,
+    ) -> None:
+        self._rbac = rbac
+        self._max_streams = max_streams
+        self._max_increments = max_increments
+        self._clients: dict[Subscriber, dict[str, StreamKind]] = {}
+        self._topics: dict[str, set[Subscriber]] = {}
+        self._private: dict[tuple[str, str], set[Subscriber]] = {}
+        self._books: dict[str, list[bytes]] = {}
+        self._prefixes: dict[str, bytes] = {}
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def subscribe(self, client: Subscriber, streams: Iterable[str]) -> list[bytes]:
+        """Add ``streams`` for ``client``; return the frames to send it, in order.
+
+        Per stream, in request order: the order-book replay (snapshot, then increments) of a
+        newly subscribed public ``*-inc`` stream, or the refusal of an RBAC-denied prefixed
+        stream. Last, the subscribed reply listing every current stream. Already held names
+        are no-ops (no replay, as Ranger; Rango replays again). Private streams of an
+        anonymous client are skipped silently (§4).
+
+        Raises:
+            TooManyStreams: the result would exceed ``max_streams``; nothing changed.
+        """
+        held = self._clients.get(client)
+        auth = client.auth
+        frames: list[bytes] = []
+        added: dict[str, StreamKind] = {}
+        for name in dict.fromkeys(streams):
+            if not name or (held is not None and name in held):
+                continue
+            kind = stream_kind(name)
+            if kind is _PRIVATE:
+                if not auth.uid:
+                    continue
+            elif kind is _PREFIXED:
+                prefix = name[: name.index(".")]
+                if auth.role not in self._rbac.get(prefix, ()):
+                    frames.append(cannot_subscribe_reply(name))
+                    continue
+            elif name.endswith(_INC):
+                # A prefixed "<p>.<m>.<x>-inc" does not replay the public book (Rango does).
+                book = self._books.get(name)
+                if book is not None:
+                    frames.extend(book)
+            added[name] = kind
+        if (len(held) if held is not None else 0) + len(added) > self._max_streams:
+            raise TooManyStreams()
+        if added:
+            if held is None:
+                held = self._clients[client] = {}
+            held.update(added)
+            for name, kind in added.items():
+                if kind is _PRIVATE:
+                    members = self._private.get((auth.uid, name))
+                    if members is None:
+                        members = self._private[auth.uid, name] = set()
+                else:
+                    members = self._topics.get(name)
+                    if members is None:
+                        members = self._topics[name] = set()
+                members.add(client)
+        frames.append(subscribed_reply(_listing(held) if held is not None else []))
+        return frames
+
+    def unsubscribe(self, client: Subscriber, streams: Iterable[str]) -> bytes:
+        """Drop ``streams`` for ``client``; return the unsubscribed reply.
+
+        Each name removes exactly that stream (a prefixed name too: Rango strips the prefix
+        here and crashes); unknown names change nothing.
+        """
+        held = self._clients.get(client)
+        if held is None:
+            return unsubscribed_reply(())
+        uid = client.auth.uid
+        for name in streams:
+            kind = held.pop(name, None)
+            if kind is not None:
+                self._leave(client, uid, name, kind)
+        if not held:
+            del self._clients[client]
+        return unsubscribed_reply(_listing(held))
+
+    def remove(self, client: Subscriber) -> None:
+        """Forget ``client`` entirely (on disconnect); idempotent."""
+        held = self._clients.pop(client, None)
+        if held is None:
+            return
+        uid = client.auth.uid
+        for name, kind in held.items():
+            self._leave(client, uid, name, kind)
+
+    def streams(self, client: Subscriber) -> list[str]:
+        """The streams ``client`` holds, in reply order."""
+        held = self._clients.get(client)
+        return _listing(held) if held is not None else []
+
+    def _leave(self, client: Subscriber, uid: str, name: str, kind: StreamKind) -> None:
+        if kind is _PRIVATE:
+            key = (uid, name)
+            members = self._private.get(key)
+            if members is not None:
+                members.discard(client)
+                if not members:
+                    del self._private[key]
+        else:
+            members = self._topics.get(name)
+            if members is not None:
+                members.discard(client)
+                if not members:
+                    del self._topics[name]
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def route(self, routing_key: str, body: bytes) -> Delivery | Dropped:
+        """Route one broker message (PROTOCOL §5, §6).
+
+        The payload is ``{"<topic>":<body>}`` with ``body`` forwarded byte for byte (only
+        surrounding whitespace stripped): no key reordering, no float rounding.
+        """
+        words = routing_key.split(".")
+        if len(words) == 3:
+            scope, middle, event = words
+            if not scope or not middle or not event:
+                return self._bad_key(routing_key)
+        elif len(words) == 2:
+            # Rango: the 2-word "public.<e>" is the topic "public.<e>"; other scopes undeliverable.
+            scope, event = words
+            middle = scope
+            if scope not in _PUBLIC_SCOPES or not event:
+                return self._bad_key(routing_key)
+        else:
+            return self._bad_key(routing_key)
+
+        body = body.strip(_JSON_SPACE)
+        try:
+            text = body.decode()
+            whole = _raw_decode(text)[1] == len(text)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            whole = False
+        if not whole:
+            _log.debug("dropped %s: body is not JSON", routing_key)
+            return _BAD_JSON
+
+        if scope in _PUBLIC_SCOPES:
+            topic = f"{middle}.{event}"
+            if event.endswith(_SNAP):
+                return self._snapshot(topic, body)
+            if event.endswith(_INC):
+                return self._increment(topic, body)
+            return Delivery(self._frame(topic, body), self._topics.get(topic, _NOBODY))
+
+        if event.endswith(_SNAP):
+            # Private and prefixed books are not cached: a snapshot goes out as "-inc" (Rango).
+            event = event[: -len(_SNAP)] + _INC
+        if scope == "private":
+            recipients = self._private.get((middle, event), _NOBODY)
+            return Delivery(self._frame(event, body), recipients)
+        # Prefixed: only subscribers of the full name, but the frame key drops the prefix.
+        recipients = self._topics.get(f"{scope}.{middle}.{event}", _NOBODY)
+        return Delivery(self._frame(f"{middle}.{event}", body), recipients)
+
+    def _snapshot(self, snap_topic: str, body: bytes) -> Delivery:
+        frame = self._frame(snap_topic, body)
+        inc_topic = snap_topic[: -len(_SNAP)] + _INC
+        fresh = inc_topic not in self._books
+        # A new snapshot replaces the book and resets its increments, and is not broadcast
+        # (Rango, Ranger) - except when no book was cached: the current subscribers (who came
+        # before the first snapshot, or saw the book overflow) have none, and the increments
+        # that follow would be useless to them. Ruby Ranger sends them this one; so do we.
+        self._books[inc_topic] = [frame]
+        return Delivery(frame, self._topics.get(inc_topic, _NOBODY) if fresh else _NOBODY)
+
+    def _increment(self, topic: str, body: bytes) -> Delivery | Dropped:
+        book = self._books.get(topic)
+        if book is None:
+            _log.debug("dropped %s: no snapshot cached yet", topic)
+            return _NO_SNAPSHOT
+        if len(book) > self._max_increments:
+            # book[0] is the snapshot, so the bound is already reached.
+            del self._books[topic]
+            _log.warning(
+                "order book %s: more than %d increments since the snapshot;"
+                " dropped until the next snapshot",
+                topic,
+                self._max_increments,
+            )
+            return _BOOK_OVERFLOW
+        frame = self._frame(topic, body)
+        book.append(frame)
+        return Delivery(frame, self._topics.get(topic, _NOBODY))
+
+    def _frame(self, topic: str, body: bytes) -> bytes:
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            # Routing keys may hold '"' or '\\': the topic is JSON-encoded, never pasted raw.
+            prefix = b"{" + json.dumps(topic).encode() + b":"
+            if len(self._prefixes) >= _PREFIX_CACHE_SIZE:
+                self._prefixes.clear()
+            self._prefixes[topic] = prefix
+        return b"".join((prefix, body, b"}"))
+
+    @staticmethod
+    def _bad_key(routing_key: str) -> Dropped:
+        _log.debug("dropped %r: bad routing key", routing_key)
+        return _BAD_ROUTING_KEY
+
+    # -- read-only stats ----------------------------------------------------------------------
+
+    @property
+    def subscribed_clients(self) -> int:
+        """Connections holding at least one stream (not every open connection)."""
+        return len(self._clients)
+
+    def subscription_counts(self) -> dict[tuple[StreamKind, str], int]:
+        """Subscribers per (kind, stream name), private ones summed over users (PROTOCOL §7)."""
+        counts = {(stream_kind(name), name): len(members) for name, members in self._topics.items()}
+        for (_uid, name), members in self._private.items():
+            key = (_PRIVATE, name)
+            counts[key] = counts.get(key, 0) + len(members)
+        return counts
+
+    def cached_book(self, topic: str) -> list[bytes]:
+        """The replay of a public ``-inc`` topic: snapshot frame, then increments; [] if none."""
+        return list(self._books.get(topic, ()))
+
+    @property
+    def cached_books(self) -> int:
+        """Number of order books (snapshots) cached."""
+        return len(self._books)
+
+
+def _listing(held: Mapping[str, StreamKind]) -> list[str]:
+    # Public and prefixed names first, then private ones, each in first-subscribed order (§4).
+    shared = [name for name, kind in held.items() if kind is not _PRIVATE]
+    shared.extend(name for name, kind in held.items() if kind is _PRIVATE)
+    return shared
