@@ -38,12 +38,9 @@ class Connection(WebSocket):
         *,
         auth: Auth,
         path: str,
-        max_message_size: int,
         queue_limit: int,
     ) -> None:
-        super().__init__(
-            hub, sock, conn_id, loop, max_message_size=max_message_size, queue_limit=queue_limit
-        )
+        super().__init__(hub, sock, conn_id, loop, queue_limit=queue_limit)
         self.auth = auth
         self.path = path
 

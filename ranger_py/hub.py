@@ -56,6 +56,7 @@ class Hub:
         self.loop: Any = gevent.get_hub().loop
         self.connections: set[WebSocket] = set()
         self.dirty: list[WebSocket] = []
+        self.max_message_size = config.max_message_size
         self.consumer = Consumer.from_config(config, self.on_broker_message)
         self._flush_pending = False
         self._since_yield = 0
@@ -112,7 +113,6 @@ class Hub:
             self.loop,
             auth=auth,
             path=path,
-            max_message_size=self.config.max_message_size,
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(conn)
@@ -127,7 +127,6 @@ class Hub:
             self._socket(fd),
             next(self._ids),
             self.loop,
-            max_message_size=self.config.max_message_size,
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(ws)

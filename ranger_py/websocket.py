@@ -53,6 +53,7 @@ class Owner(Protocol):
 
     dirty: list[WebSocket]  # sockets with frames to flush this loop turn
     loop: Any  # gevent's event loop, for io watchers
+    max_message_size: int  # inbound limit per message (close 1009 past it)
 
     def request_flush(self) -> None: ...
 
@@ -87,14 +88,15 @@ class WebSocket:
         conn_id: int,
         loop: Any,
         *,
-        max_message_size: int,
         queue_limit: int,
     ) -> None:
         self._owner = owner
         self.sock = sock
         self.id = conn_id
         self.state = State.OPEN
-        self._reader = FrameReader(max_message_size)
+        # Made on the first bytes and dropped whenever idle: most clients send a subscribe now
+        # and then, and a parser kept per connection would double an idle connection's memory.
+        self._reader: FrameReader | None = None
         self._out: list[bytes] = []
         self._limit = queue_limit
         # True while _out[0] is the unsent tail of a frame that has partly gone out.
@@ -124,8 +126,11 @@ class WebSocket:
             self.abort("peer closed" if self._peer_closed else "connection lost")
             return
         self.last_seen = time.monotonic()
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = FrameReader(self._owner.max_message_size)
         try:
-            for event in self._reader.feed(data):
+            for event in reader.feed(data):
                 if self.state is State.CLOSED:
                     return
                 if type(event) is Message:
@@ -136,6 +141,8 @@ class WebSocket:
                 elif type(event) is Close:
                     self._on_close_frame(event)
                 # A Pong only proves the peer is alive: last_seen is already updated.
+            if reader.idle:
+                self._reader = None
         except CloseConnection as exc:
             self.close(exc.code, exc.reason)
         except Exception:

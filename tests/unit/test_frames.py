@@ -125,3 +125,17 @@ def test_protocol_violations_carry_the_rfc_close_code(data: bytes, code: int) ->
     with pytest.raises(CloseConnection) as info:
         list(FrameReader(4096).feed(data))
     assert info.value.code == code
+
+
+def test_idle_tracks_partial_frames_and_fragmented_messages() -> None:
+    reader = FrameReader(4096)
+    assert reader.idle
+    frame = client_frame(0x1, b"hello")
+    assert list(reader.feed(frame[:3])) == []
+    assert not reader.idle  # header half read
+    assert list(reader.feed(frame[3:])) == [Message("hello")]
+    assert reader.idle
+    assert list(reader.feed(client_frame(0x1, b"he", fin=False))) == []
+    assert not reader.idle  # message half received
+    assert list(reader.feed(client_frame(0x0, b"y"))) == [Message("hey")]
+    assert reader.idle

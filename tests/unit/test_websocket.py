@@ -24,6 +24,7 @@ class Owner:
         self.loop: Any = gevent.get_hub().loop
         self.dirty: list[WebSocket] = []
         self.closed_reasons: list[str] = []
+        self.max_message_size = 4096
         self._pending = False
 
     def request_flush(self) -> None:
@@ -102,8 +103,8 @@ def pair() -> Iterator[tuple[Owner, Any, Peer]]:
     owner = Owner()
 
     def make(**kwargs: Any) -> Recorder:
-        options = {"max_message_size": 4096, "queue_limit": 8} | kwargs
-        return Recorder(owner, server, 1, owner.loop, **options)
+        owner.max_message_size = kwargs.pop("max_message_size", 4096)
+        return Recorder(owner, server, 1, owner.loop, queue_limit=kwargs.pop("queue_limit", 8))
 
     peer = Peer(gevent.socket.socket(fileno=client.detach()))
     peer.sock.settimeout(5)
@@ -205,3 +206,17 @@ def test_peer_vanishing_finishes_the_connection(pair: tuple[Owner, Any, Peer]) -
         while ws.state is not State.CLOSED:
             gevent.sleep(0.01)
     assert owner.closed_reasons == ["connection lost"]
+
+
+def test_parser_exists_only_while_a_frame_is_in_flight(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    ws = make()
+    assert ws._reader is None
+    frame = masked(0x1, b"hello")
+    peer.sock.sendall(frame[:4])
+    with gevent.Timeout(5):
+        while ws._reader is None:
+            gevent.sleep(0.01)
+    peer.sock.sendall(frame[4:])
+    assert peer.frame() == (0x1, b"world")
+    assert ws._reader is None
