@@ -1,0 +1,322 @@
+"""The broker side (PROTOCOL §5): one kombu consumer per worker process, feeding a callback.
+
+Owns the AMQP connection, the declarations (Peatio's exchange, a private bounded queue),
+reconnects and the ready/status pair that /readyz reports. It is the only importer of kombu. It
+knows nothing of routing or greenlets: each message becomes one ``on_message(routing_key, body)``
+call, and yielding to other greenlets is the callback's business. Blocking calls go through the
+standard library (sockets, ``time.sleep``, ``threading.Event``), which gevent has patched by the
+time a worker runs this.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.exceptions import OperationalError
+from kombu.mixins import ConsumerMixin
+
+__all__ = ["BrokerSettings", "Consumer", "MessageHandler"]
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+BINDING_KEY = "#"
+# How often the consume loop wakes up without traffic: bounds stop() latency and paces heartbeats.
+SAFETY_INTERVAL = 1.0
+# The broker sends a heartbeat every heartbeat/2 s, and each frame restarts py-amqp's drain timeout:
+# below this the loop could go on draining heartbeats without ever waking up.
+MIN_HEARTBEAT = 3
+# A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this long,
+# so stop() is not held up for long by a broker that accepts TCP but never answers.
+CONNECT_TIMEOUT = 3.0
+# Once connected, no broker reply (declare-ok, cancel-ok, close-ok) is awaited longer than this.
+# Without it a TCP path that dies silently during declaration or shutdown blocks forever, since
+# heartbeats are only checked by the consume loop.
+REPLY_TIMEOUT = 5.0
+# The same bound for the three replies of a polite goodbye after stop() (cancel, close channel,
+# close connection), so a dead path cannot hold up shutdown for long.
+GOODBYE_TIMEOUT = 0.5
+# Connection attempts during an outage: 1 s, 2 s, ... then every 5 s (Rango redials every 5 s).
+RETRY_START, RETRY_STEP, RETRY_MAX = 1.0, 1.0, 5.0
+# Pause after a consume session that failed before it started consuming (refused declaration,
+# unexpected error): doubles up to the cap so nothing loops hot.
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+
+
+class BrokerSettings(Protocol):
+    """The part of ``config.Config`` the consumer reads."""
+
+    @property
+    def amqp_url(self) -> str: ...
+
+    @property
+    def exchange(self) -> str: ...
+
+    @property
+    def queue_max_length(self) -> int: ...
+
+
+class _StopRequestedError(Exception):
+    """Raised inside kombu's connection retry loop to abandon it once stop() was called."""
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _bound_replies(conn: Any, seconds: float) -> None:
+    """Make blocking reads on the connection's socket give up after ``seconds``.
+
+    py-amqp waits for a reply with no timeout of its own; its timed drains set and restore the
+    socket timeout around themselves, so they are unaffected. Virtual transports have no socket.
+    """
+    sock = getattr(conn.connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+class Consumer(ConsumerMixin):
+    """Consume every message of a topic exchange into ``on_message`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        exchange: str,
+        on_message: MessageHandler,
+        queue_max_length: int = 100000,
+        heartbeat: float = 10.0,
+    ) -> None:
+        if queue_max_length < 1:
+            raise ValueError(f"queue_max_length must be >= 1, not {queue_max_length}")
+        # AMQP negotiates the heartbeat in whole seconds.
+        heartbeat_s = math.ceil(heartbeat)
+        if heartbeat_s < MIN_HEARTBEAT:
+            raise ValueError(f"heartbeat must be >= {MIN_HEARTBEAT} s, not {heartbeat}")
+        self.connection = Connection(  # type: ignore[no-untyped-call]
+            amqp_url, heartbeat=heartbeat_s, connect_timeout=CONNECT_TIMEOUT
+        )
+        self.exchange_name = exchange
+        self.queue_max_length = queue_max_length
+        self.reconnects = 0
+        self._handler = on_message
+        self._uri: str = self.connection.as_uri()  # password masked
+        self._state: tuple[bool, str] = (False, "connecting")
+        self._stop_event = threading.Event()
+        self._exchange = self._peatio_exchange()
+        self._exchange_warned = False
+        self._live: Any = None  # the kombu connection while consuming, for heartbeat checks
+        self._next_heartbeat = 0.0
+        self._has_consumed = False
+        self._session_consumed = False
+        self._outage_since: float | None = None
+
+    @classmethod
+    def from_config(cls, config: BrokerSettings, on_message: MessageHandler) -> Consumer:
+        return cls(
+            config.amqp_url,
+            config.exchange,
+            on_message,
+            queue_max_length=config.queue_max_length,
+        )
+
+    @property
+    def ready(self) -> bool:
+        """True only while connected and consuming."""
+        return self._state[0]
+
+    @property
+    def status(self) -> str:
+        """Why the consumer is not ready (or "consuming" when it is)."""
+        return self._state[1]
+
+    def stop(self) -> None:
+        self.should_stop = True
+        self._stop_event.set()
+
+    def run_forever(self) -> None:
+        """Consume until :meth:`stop`; connection losses and our own bugs only pause it."""
+        log.info("consumer starting: exchange %r at %s", self.exchange_name, self._uri)
+        backoff = BACKOFF_MIN
+        while not self.should_stop:
+            self._session_consumed = False
+            try:
+                for _ in self.consume(limit=None, safety_interval=SAFETY_INTERVAL):  # type: ignore[no-untyped-call]
+                    pass
+            except _StopRequestedError:
+                break
+            except (*self.connection.connection_errors, OperationalError) as exc:
+                self._failed("broker connection lost", exc)
+            except self.connection.channel_errors as exc:
+                self._failed("broker refused", exc)
+            except Exception as exc:
+                # A bug of ours or of kombu's: the consumer must outlive it (deps.md §3).
+                log.exception("consumer failed; restarting in %.0f s", backoff)
+                self._failed("consumer error", exc, logged=True)
+            if self._session_consumed:
+                backoff = BACKOFF_MIN
+            if not self.should_stop:
+                self._stop_event.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        self._live = None
+        self._state = (False, "stopped")
+        log.info("consumer stopped")
+
+    def _failed(self, what: str, exc: BaseException, logged: bool = False) -> None:
+        self._live = None
+        self._state = (False, f"{what}: {_describe(exc)}")
+        # One warning per outage; the failed attempts that follow are debug noise.
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            if not logged:
+                log.warning("%s: %s; reconnecting", what, _describe(exc))
+        elif not logged:
+            log.debug("%s: %s", what, _describe(exc))
+
+    # kombu ConsumerMixin hooks
+
+    @contextmanager
+    def establish_connection(self) -> Iterator[Any]:
+        conn = self.create_connection()  # type: ignore[no-untyped-call]
+        broken = True
+        try:
+            conn.ensure_connection(
+                self.on_connection_error,
+                self.connect_max_retries,
+                interval_start=RETRY_START,
+                interval_step=RETRY_STEP,
+                interval_max=RETRY_MAX,
+                callback=self._abandon_if_stopping,
+            )
+            _bound_replies(conn, REPLY_TIMEOUT)
+            self._exchange = self._usable_exchange(conn)
+            yield conn
+            broken = False
+        except conn.channel_errors:
+            broken = False  # the connection itself is fine and can be closed politely
+            raise
+        finally:
+            if broken:
+                # No close handshake on a connection that may be dead: it could never finish.
+                conn.collect()
+            else:
+                conn.release()
+
+    @contextmanager
+    def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
+        yield
+        # Reached on a clean exit only (stop() was called): the goodbye follows.
+        _bound_replies(connection, GOODBYE_TIMEOUT)
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        # kombu calls this for every failed connection attempt.
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._state = (False, f"cannot connect to broker: {_describe(exc)}")
+            log.warning("cannot connect to broker at %s: %s; retrying", self._uri, _describe(exc))
+        else:
+            log.debug("broker unreachable (%s); next attempt in %.0f s", _describe(exc), interval)
+
+    def get_consumers(self, make_consumer: Callable[..., Any], channel: Any) -> list[Any]:
+        # py-amqp decodes bodies that carry a content_encoding into str; PROTOCOL §5 forwards
+        # bodies as published, so keep them as the bytes that arrived.
+        if hasattr(channel, "auto_decode"):
+            channel.auto_decode = False
+        # Server-named (amq.gen-*), so each worker gets every message, and new on every connection:
+        # re-declaring an amq.* name is refused (deps.md §3). x-max-length bounds the broker-side
+        # backlog when publishers outpace us; overflow drops the oldest message.
+        queue = Queue(  # type: ignore[no-untyped-call]
+            "",
+            exchange=self._exchange,
+            routing_key=BINDING_KEY,
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            queue_arguments={"x-max-length": self.queue_max_length, "x-overflow": "drop-head"},
+        )
+        return [make_consumer(queues=[queue], on_message=self._deliver, no_ack=True)]
+
+    def on_consume_ready(
+        self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
+    ) -> None:
+        self._live = connection
+        self._session_consumed = True
+        self._state = (True, "consuming")
+        if self._outage_since is not None:
+            down = time.monotonic() - self._outage_since
+            self._outage_since = None
+            if self._has_consumed:
+                self.reconnects += 1
+                log.info("broker connection re-established after %.1f s", down)
+            else:
+                log.info("connected to broker after %.1f s", down)
+        self._has_consumed = True
+
+    def on_consume_end(self, connection: Any, channel: Any) -> None:
+        self._live = None
+        self._state = (False, "stopping")
+
+    def on_iteration(self) -> None:
+        # kombu only checks heartbeats when a drain times out, so a steady stream of messages
+        # would keep us from ever sending one and the broker would drop us; check each second.
+        conn = self._live
+        now = time.monotonic()
+        if conn is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + SAFETY_INTERVAL
+            conn.heartbeat_check()
+
+    # internals
+
+    def _abandon_if_stopping(self) -> None:
+        if self.should_stop:
+            raise _StopRequestedError
+
+    def _peatio_exchange(self) -> Exchange:
+        # Peatio's flags; kombu's default durable=True gets a 406 against Peatio's exchange.
+        return Exchange(  # type: ignore[no-untyped-call]
+            self.exchange_name, type="topic", durable=False, auto_delete=False
+        )
+
+    def _usable_exchange(self, conn: Any) -> Exchange:
+        """Declare the exchange with Peatio's flags, or settle for it as it already exists.
+
+        A declaration that does not match an existing exchange closes its channel (406), so it
+        is tried on a channel of its own. The queue then binds without re-declaring it.
+        """
+        ours = self._peatio_exchange()
+        channel = conn.channel()
+        try:
+            ours.declare(channel=channel)  # type: ignore[no-untyped-call]
+        except conn.channel_errors as exc:
+            # PROTOCOL §5: use an exchange declared with other flags as it is, and say so.
+            if not self._exchange_warned:
+                self._exchange_warned = True
+                log.warning(
+                    "exchange %r exists with flags other than Peatio's (%s); using it as it is",
+                    self.exchange_name,
+                    _describe(exc),
+                )
+        finally:
+            conn.maybe_close_channel(channel)
+        return Exchange(self.exchange_name, type="topic", no_declare=True)  # type: ignore[no-untyped-call]
+
+    def _deliver(self, message: Any) -> None:
+        routing_key: str = message.delivery_info.get("routing_key") or ""
+        body = message.body
+        if body is None:
+            body = b""
+        elif isinstance(body, str):
+            body = body.encode("utf-8")
+        try:
+            self._handler(routing_key, body)
+        except Exception:
+            # A message the handler chokes on is dropped; the consumer carries on.
+            log.exception("message handler failed on %r; message dropped", routing_key)
