@@ -1,10 +1,14 @@
 """gunicorn settings for ranger-py: `gunicorn -c gunicorn.conf.py` (also the Procfile's command).
 
 Every value comes from ranger_py.config, the one reader of the environment, so an invalid
-variable stops startup here with a message naming it.
+variable stops startup here with a message naming it. The hooks below run the metrics endpoint
+in the master, so one scrape reports every worker (PROTOCOL §7).
 """
 
+import os
+import shutil
 import sys
+import tempfile
 
 from ranger_py.config import Config
 from ranger_py.errors import ConfigError
@@ -13,6 +17,15 @@ try:
     _config = Config.load()
 except ConfigError as _exc:
     sys.exit(f"ranger-py: invalid configuration: {_exc}")
+
+# prometheus_client chooses where values live when it is first imported: every process of this
+# server must see the same directory, so it is put in the environment before anything imports
+# it (workers inherit it). A directory we made is ours to remove at exit.
+_metrics_dir_is_ours = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_is_ours:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ranger-py-metrics-")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # as Go's client: no *_created
 
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
@@ -49,3 +62,43 @@ logconfig_dict = {
         "amqp": {"level": "WARNING"},
     },
 }
+
+_metrics_server = None
+
+
+def on_starting(server):
+    global _metrics_server
+    from ranger_py import metrics
+
+    metrics.clear_directory(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    try:
+        _metrics_server = metrics.MetricsServer(
+            _config.metrics_host, _config.metrics_port, lambda: list(server.WORKERS)
+        )
+    except OSError as exc:
+        sys.exit(
+            f"ranger-py: cannot serve metrics on {_config.metrics_host}:{_config.metrics_port}"
+            f" (METRICS_HOST/METRICS_PORT): {exc.strerror}"
+        )
+
+
+def when_ready(server):
+    _metrics_server.start()
+    server.log.info("metrics on http://%s:%d/metrics", _config.metrics_host, _config.metrics_port)
+
+
+def post_fork(server, worker):
+    _metrics_server.close_in_child()
+
+
+def child_exit(server, worker):
+    from ranger_py import metrics
+
+    metrics.mark_worker_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_server is not None:
+        _metrics_server.stop()
+    if _metrics_dir_is_ours:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -112,6 +112,7 @@ class App:
         try:
             return self.authenticator.authenticate(header)
         except AuthError as exc:
+            self.hub.metrics.auth_failures.labels(exc.reason).inc()
             if required:
                 raise HandshakeError(401, f"Authorization failed: {exc.reason}") from None
             log.debug("optional auth failed on %s: %s", path, exc.reason)

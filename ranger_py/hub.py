@@ -14,6 +14,7 @@ import itertools
 import logging
 import socket
 import time
+from time import perf_counter
 from typing import Any
 
 import gevent
@@ -25,6 +26,8 @@ from ranger_py.connection import Connection, EchoConnection
 from ranger_py.consumer import Consumer
 from ranger_py.errors import CloseCode
 from ranger_py.frames import encode_text
+from ranger_py.metrics import WorkerMetrics
+from ranger_py.protocol import StreamKind
 from ranger_py.router import Delivery, Router
 from ranger_py.websocket import State, WebSocket
 
@@ -48,10 +51,12 @@ class Hub:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = WorkerMetrics()
         self.router = Router(
             config.rbac,
             max_streams=config.max_streams,
             max_increments=config.orderbook_max_increments,
+            on_change=self._subscription_changed,
         )
         self.loop: Any = gevent.get_hub().loop
         self.connections: set[WebSocket] = set()
@@ -116,6 +121,7 @@ class Hub:
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(conn)
+        self.metrics.clients.inc()
         log.info("connection %d open path=%s uid=%s", conn.id, path, auth.uid or "-")
         # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
         conn.subscribe(streams)
@@ -144,24 +150,39 @@ class Hub:
         self.connections.discard(ws)
         if isinstance(ws, Connection):
             self.router.remove(ws)
-            log.info("connection %d closed: %s", ws.id, reason)
+            self.metrics.clients.dec()
+            note = f" (close {ws.close_note})" if ws.close_note else ""
+            log.info("connection %d closed: %s%s", ws.id, reason, note)
+
+    def slow(self, ws: WebSocket) -> None:
+        self.metrics.slow_clients.inc()
+        log.warning("connection %d: send queue full, closing slow client", ws.id)
+
+    def _subscription_changed(self, kind: StreamKind, stream: str, delta: int) -> None:
+        self.metrics.subscription(kind.value, stream, delta)
 
     # -- fan-out -----------------------------------------------------------------------------
 
     def on_broker_message(self, routing_key: str, body: bytes) -> None:
         """Hot path: route one broker message and queue its frame for every recipient."""
+        metrics = self.metrics
+        metrics.received += 1
         outcome = self.router.route(routing_key, body)
         if type(outcome) is Delivery:
             recipients = outcome.recipients
             if recipients:
+                start = perf_counter()
                 frame = encode_text(outcome.payload)  # once, whatever the number of recipients
                 for ws in recipients:
                     ws.queue(frame)  # type: ignore[attr-defined]
+                metrics.delivered += len(recipients)
+                metrics.observe_fanout(perf_counter() - start)
                 if self.dirty and not self._flush_pending:
                     self._flush_pending = True
                     self.loop.run_callback(self._flush)
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug("dropped message %r: %s", routing_key, outcome.reason)  # type: ignore[union-attr]
+        else:
+            reason = outcome.reason  # type: ignore[union-attr]
+            metrics.dropped[reason] = metrics.dropped.get(reason, 0) + 1
         self._since_yield += 1
         if self._since_yield >= _YIELD_EVERY:
             self._since_yield = 0
@@ -185,6 +206,7 @@ class Hub:
     # -- timers ------------------------------------------------------------------------------
 
     def _sweep(self) -> None:
+        self.metrics.flush(self.consumer.ready, self.consumer.reconnects)
         now = time.monotonic()
         config = self.config
         for ws in list(self.connections):

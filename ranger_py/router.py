@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -130,6 +130,8 @@ class Router:
         rbac: prefix -> roles allowed on prefixed streams ``<prefix>.*.*`` (exact match).
         max_streams: most streams one connection may hold (PROTOCOL §4, "Too many streams").
         max_increments: most increments cached after one snapshot (PROTOCOL §6).
+        on_change: called with (kind, stream, +1 or -1) whenever a client joins or leaves a
+            stream, for the subscription gauges; the stream is named as the client named it.
     """
 
     def __init__(
@@ -137,7 +139,9 @@ class Router:
         rbac: Mapping[str, frozenset[str]],
         max_streams: int = 100,
         max_increments: int = 10000,
+        on_change: Callable[[StreamKind, str, int], None] | None = None,
     ) -> None:
+        self._on_change = on_change
         self._rbac = rbac
         self._max_streams = max_streams
         self._max_increments = max_increments
@@ -199,6 +203,8 @@ class Router:
                     if members is None:
                         members = self._topics[name] = set()
                 members.add(client)
+                if self._on_change is not None:
+                    self._on_change(kind, name, 1)
         frames.append(subscribed_reply(_listing(held) if held is not None else []))
         return frames
 
@@ -235,6 +241,8 @@ class Router:
         return _listing(held) if held is not None else []
 
     def _leave(self, client: Subscriber, uid: str, name: str, kind: StreamKind) -> None:
+        if self._on_change is not None:
+            self._on_change(kind, name, -1)
         if kind is _PRIVATE:
             key = (uid, name)
             members = self._private.get(key)

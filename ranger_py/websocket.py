@@ -57,6 +57,8 @@ class Owner(Protocol):
 
     def request_flush(self) -> None: ...
 
+    def slow(self, ws: WebSocket) -> None: ...  # ws is being closed with 1008
+
     def closed(self, ws: WebSocket, reason: str) -> None: ...
 
 
@@ -74,6 +76,7 @@ class WebSocket:
         "_read_watcher",
         "_reader",
         "_write_watcher",
+        "close_note",
         "id",
         "last_ping",
         "last_seen",
@@ -94,6 +97,7 @@ class WebSocket:
         self.sock = sock
         self.id = conn_id
         self.state = State.OPEN
+        self.close_note = ""  # the close frame we sent or answered, for the log line
         # Made on the first bytes and dropped whenever idle: most clients send a subscribe now
         # and then, and a parser kept per connection would double an idle connection's memory.
         self._reader: FrameReader | None = None
@@ -167,6 +171,7 @@ class WebSocket:
         if n >= self._limit:  # _limit is 0 once closing, so nothing follows the close frame
             if self.state is State.OPEN:
                 self.close(CloseCode.POLICY_VIOLATION, "slow client", drop_pending=True)
+                self._owner.slow(self)
             return
         if not n:
             self._owner.dirty.append(self)
@@ -246,6 +251,7 @@ class WebSocket:
         if self.state is not State.OPEN:
             return
         self.state = State.CLOSING
+        self.close_note = f"{int(code)} {reason}".rstrip()
         self._limit = 0
         if drop_pending:
             # A slow client is not owed its backlog; a frame already half-sent must be completed,
@@ -256,7 +262,6 @@ class WebSocket:
         self._out.append(encode_close(code, reason))
         self._close_deadline = time.monotonic() + _CLOSE_TIMEOUT
         self._owner.request_flush()
-        log.debug("connection %s: closing with %s %s", self.id, code, reason)
 
     def _after_close_sent(self) -> None:
         if self._peer_closed:

@@ -24,6 +24,7 @@ class Owner:
         self.loop: Any = gevent.get_hub().loop
         self.dirty: list[WebSocket] = []
         self.closed_reasons: list[str] = []
+        self.slow_clients = 0
         self.max_message_size = 4096
         self._pending = False
 
@@ -37,6 +38,9 @@ class Owner:
         dirty, self.dirty = self.dirty, []
         for ws in dirty:
             ws.flush()
+
+    def slow(self, ws: WebSocket) -> None:
+        self.slow_clients += 1
 
     def closed(self, ws: WebSocket, reason: str) -> None:
         self.closed_reasons.append(reason)
@@ -177,6 +181,7 @@ def test_slow_client_is_closed_with_1008_and_others_never_wait(
         if ws.state is not State.OPEN:
             break
     assert ws.state is State.CLOSING
+    assert owner.slow_clients == 1
     frames = []
     while True:
         opcode, payload = peer.frame()

@@ -1,0 +1,317 @@
+"""Every Prometheus metric ranger-py exports (PROTOCOL §7); the only importer of prometheus_client.
+
+A server is a gunicorn master and its workers, and one scrape must report all of it. This is
+prometheus_client's multiprocess mode: every process writes its values to memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` (set by gunicorn.conf.py before this module is imported) and the
+master's endpoint sums them. Gauges sum over live workers only (``livesum``), counters over every
+worker that ever ran. The master adds what the files cannot carry: ``process_*`` for the whole
+process tree, ``python_info``, and its own ``promhttp_*`` request counters.
+
+The names Rango's dashboards use are kept (``rango_hub_*``, ``promhttp_*``, ``process_*``); ours
+start with ``ranger_``. No metric has a per-user label. The hot path only bumps plain ints here;
+``WorkerMetrics.flush`` pushes them to the shared files once a second.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+    multiprocess,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["MetricsServer", "WorkerMetrics", "clear_directory", "mark_worker_dead"]
+
+# Fan-out time per message: from a few µs (one recipient) to tens of ms (thousands).
+FANOUT_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
+# Client-chosen stream names become label values; past this many per worker they are counted
+# under one label so a client cannot blow up the series count.
+MAX_TOPIC_LABELS = 1000
+OTHER_TOPIC = "_other"
+_GC_KEYS = ("collections", "collected", "uncollectable")
+
+
+class WorkerMetrics:
+    """One worker's metrics. Counters the hot path bumps are plain ints until ``flush``."""
+
+    def __init__(self) -> None:
+        self.clients = Gauge(
+            "rango_hub_clients_count",
+            "Number of clients currently connected",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.subscriptions = Gauge(
+            "rango_hub_subscriptions_count",
+            "Number of user subscribed to a topic",
+            ["type", "topic"],
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self._received = Counter(
+            "ranger_messages_received", "Messages received from the broker", registry=None
+        )
+        self._delivered = Counter(
+            "ranger_frames_delivered", "Frames queued to clients (one per recipient)", registry=None
+        )
+        self._dropped = Counter(
+            "ranger_messages_dropped",
+            "Broker messages delivered to nobody, by reason",
+            ["reason"],
+            registry=None,
+        )
+        self.slow_clients = Counter(
+            "ranger_slow_client_disconnects",
+            "Clients closed with 1008 because their send queue was full",
+            registry=None,
+        )
+        self.auth_failures = Counter(
+            "ranger_auth_failures", "Refused bearer tokens, by reason", ["reason"], registry=None
+        )
+        self._reconnects = Counter(
+            "ranger_broker_reconnects",
+            "Broker connections re-established after a loss",
+            registry=None,
+        )
+        self._connected = Gauge(
+            "ranger_broker_connected",
+            "Workers whose broker consumer is connected and consuming",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self._fanout = Histogram(
+            "ranger_fanout_seconds",
+            "Time to queue one broker message's frame for all its recipients",
+            buckets=FANOUT_BUCKETS,
+            registry=None,
+        )
+        self._gc_collections = Counter(
+            "python_gc_collections",
+            "Garbage collections, by generation",
+            ["generation"],
+            registry=None,
+        )
+        self._gc_collected = Counter(
+            "python_gc_objects_collected",
+            "Objects collected by the GC",
+            ["generation"],
+            registry=None,
+        )
+        self._gc_uncollectable = Counter(
+            "python_gc_objects_uncollectable",
+            "Uncollectable objects found by the GC",
+            ["generation"],
+            registry=None,
+        )
+        # Hot-path accumulators, pushed by flush().
+        self.received = 0
+        self.delivered = 0
+        self.dropped: dict[str, int] = {}
+        self._fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
+        self._fanout_sum = 0.0
+        self._reconnects_seen = 0
+        self._gc_seen: list[dict[str, int]] = []
+        self._topics: set[tuple[str, str]] = set()
+
+    def observe_fanout(self, seconds: float) -> None:
+        self._fanout_counts[bisect_left(FANOUT_BUCKETS, seconds)] += 1
+        self._fanout_sum += seconds
+
+    def subscription(self, kind: str, topic: str, delta: int) -> None:
+        """Router hook: one membership of ``topic`` added (+1) or removed (-1)."""
+        key = (kind, topic)
+        if key not in self._topics:
+            if len(self._topics) >= MAX_TOPIC_LABELS:
+                key = (kind, OTHER_TOPIC)
+            self._topics.add(key)
+        self.subscriptions.labels(*key).inc(delta)
+
+    def flush(self, broker_connected: bool, broker_reconnects: int) -> None:
+        """Push what the hot path counted since the last call; about once a second."""
+        if self.received:
+            self._received.inc(self.received)
+            self.received = 0
+        if self.delivered:
+            self._delivered.inc(self.delivered)
+            self.delivered = 0
+        if self.dropped:
+            for reason, count in self.dropped.items():
+                self._dropped.labels(reason).inc(count)
+            self.dropped.clear()
+        if any(self._fanout_counts):
+            # Histogram.observe costs ~5 µs in multiprocess mode: add whole buckets instead.
+            # prometheus_client keeps per-bucket counts (not cumulative) in _buckets.
+            for bucket, count in zip(self._fanout._buckets, self._fanout_counts, strict=True):
+                if count:
+                    bucket.inc(count)
+            self._fanout._sum.inc(self._fanout_sum)
+            self._fanout_counts = [0] * len(self._fanout_counts)
+            self._fanout_sum = 0.0
+        self._connected.set(1 if broker_connected else 0)
+        if broker_reconnects > self._reconnects_seen:
+            self._reconnects.inc(broker_reconnects - self._reconnects_seen)
+            self._reconnects_seen = broker_reconnects
+        self._flush_gc()
+
+    def _flush_gc(self) -> None:
+        stats = gc.get_stats()
+        if not self._gc_seen:
+            self._gc_seen = [dict.fromkeys(_GC_KEYS, 0) for _ in stats]
+        for generation, (now, seen) in enumerate(zip(stats, self._gc_seen, strict=True)):
+            label = str(generation)
+            for key, counter in (
+                ("collections", self._gc_collections),
+                ("collected", self._gc_collected),
+                ("uncollectable", self._gc_uncollectable),
+            ):
+                if now[key] > seen[key]:
+                    counter.labels(label).inc(now[key] - seen[key])
+                    seen[key] = now[key]
+
+
+# -- the master's side -----------------------------------------------------------------------
+
+
+def _process_collector(pid: int) -> ProcessCollector:
+    return ProcessCollector(pid=lambda: pid, registry=None)
+
+
+class ProcessTreeCollector(Collector):
+    """``process_*`` for the whole server: the master plus every worker, summed.
+
+    prometheus_client's ProcessCollector reads one pid; a dashboard built on Rango's single
+    process expects the server's total, so memory, CPU and fds are added up over the tree.
+    """
+
+    _SUMMED = (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    )
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        master = os.getpid()
+        totals: dict[str, float] = dict.fromkeys(self._SUMMED, 0.0)
+        own: dict[str, float] = {}
+        for pid in {master, *self._pids()}:
+            for family in _process_collector(pid).collect():
+                for sample in family.samples:
+                    if family.name in totals:
+                        totals[family.name] += sample.value
+                    elif pid == master:
+                        own[family.name] = sample.value
+        yield CounterMetricFamily(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            value=totals["process_cpu_seconds"],
+        )
+        for name, doc in (
+            ("process_resident_memory_bytes", "Resident memory size in bytes."),
+            ("process_virtual_memory_bytes", "Virtual memory size in bytes."),
+            ("process_open_fds", "Number of open file descriptors."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=totals[name])
+        for name, doc in (
+            ("process_max_fds", "Maximum number of open file descriptors."),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+            ),
+        ):
+            if name in own:
+                yield GaugeMetricFamily(name, doc, value=own[name])
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the log
+
+
+class MetricsServer:
+    """The metrics endpoint, run by the gunicorn master on a thread: any path answers."""
+
+    def __init__(self, host: str, port: int, worker_pids: Callable[[], Iterable[int]]) -> None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(ProcessTreeCollector(worker_pids))
+        PlatformCollector(registry=registry)  # python_info, in place of Go's go_info
+        self._in_flight = Gauge(
+            "promhttp_metric_handler_requests_in_flight",
+            "Current number of scrapes being served.",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self._requests = Counter(
+            "promhttp_metric_handler_requests",
+            "Total number of scrapes by HTTP status code.",
+            ["code"],
+            registry=None,
+        )
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            status = ["500"]
+
+            def recording_start_response(code: str, *args: Any) -> Any:
+                status[0] = code.split(" ", 1)[0]
+                return start_response(code, *args)
+
+            # Rango counts a scrape as in flight while it is produced, then by its status.
+            self._in_flight.inc()
+            try:
+                return list(metrics_app(environ, recording_start_response))
+            finally:
+                self._in_flight.dec()
+                self._requests.labels(status[0]).inc()
+
+        self._httpd = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close_in_child(self) -> None:
+        """A forked worker must not keep the metrics port open (it never serves it)."""
+        self._httpd.socket.close()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def clear_directory(path: str) -> None:
+    """Remove the value files of an earlier run (the master calls this before workers start)."""
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting in the totals)."""
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,139 @@
+"""Worker metrics batching and the process-tree collector (single-process prometheus mode)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from ranger_py.metrics import (
+    FANOUT_BUCKETS,
+    MAX_TOPIC_LABELS,
+    OTHER_TOPIC,
+    ProcessTreeCollector,
+    WorkerMetrics,
+)
+
+
+def exposition(*metrics: object) -> str:
+    registry = CollectorRegistry()
+    for metric in metrics:
+        registry.register(metric)  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def sample(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in exposition:\n{text}")
+
+
+def test_hot_counters_reach_prometheus_only_on_flush() -> None:
+    m = WorkerMetrics()
+    m.received += 3
+    m.delivered += 3000
+    m.dropped["bad_json"] = 2
+    before = exposition(m._received, m._delivered, m._dropped)
+    assert sample(before, "ranger_messages_received_total") == 0
+    m.flush(broker_connected=True, broker_reconnects=0)
+    after = exposition(m._received, m._delivered, m._dropped, m._connected)
+    assert sample(after, "ranger_messages_received_total") == 3
+    assert sample(after, "ranger_frames_delivered_total") == 3000
+    assert sample(after, 'ranger_messages_dropped_total{reason="bad_json"}') == 2
+    assert sample(after, "ranger_broker_connected") == 1
+    assert m.received == 0 and m.delivered == 0 and m.dropped == {}
+
+
+def test_batched_fanout_histogram_matches_direct_observations() -> None:
+    m = WorkerMetrics()
+    reference = Histogram("reference", "r", buckets=FANOUT_BUCKETS, registry=None)
+    values = [0.000001, 0.00001, 0.00002, 0.0003, 0.004, 0.5, 0.0099]
+    for value in values:
+        m.observe_fanout(value)
+        reference.observe(value)
+    m.flush(broker_connected=False, broker_reconnects=0)
+    ours = exposition(m._fanout).replace("ranger_fanout_seconds", "X")
+    theirs = exposition(reference).replace("reference", "X")
+
+    def strip(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line[0] != "#" and "_created" not in line]
+
+    assert strip(ours) == strip(theirs)
+
+
+def test_reconnects_counted_as_deltas_of_the_consumer_total() -> None:
+    m = WorkerMetrics()
+    m.flush(True, 2)
+    m.flush(True, 2)
+    m.flush(False, 3)
+    text = exposition(m._reconnects, m._connected)
+    assert sample(text, "ranger_broker_reconnects_total") == 3
+    assert sample(text, "ranger_broker_connected") == 0
+
+
+def test_subscription_gauge_goes_back_to_zero_and_labels_are_capped() -> None:
+    m = WorkerMetrics()
+    m.subscription("public", "eurusd.trades", 1)
+    m.subscription("public", "eurusd.trades", 1)
+    m.subscription("prefixed", "admin.eurusd.sys", 1)
+    text = exposition(m.subscriptions)
+    assert sample(text, 'rango_hub_subscriptions_count{topic="eurusd.trades",type="public"}') == 2
+    assert (
+        sample(text, 'rango_hub_subscriptions_count{topic="admin.eurusd.sys",type="prefixed"}') == 1
+    )
+    for _ in range(2):
+        m.subscription("public", "eurusd.trades", -1)
+    m.subscription("prefixed", "admin.eurusd.sys", -1)
+    text = exposition(m.subscriptions)
+    assert sample(text, 'rango_hub_subscriptions_count{topic="eurusd.trades",type="public"}') == 0
+    for i in range(MAX_TOPIC_LABELS + 5):
+        m.subscription("public", f"junk{i}.x", 1)
+    text = exposition(m.subscriptions)
+    series = [
+        line for line in text.splitlines() if line.startswith("rango_hub_subscriptions_count{")
+    ]
+    assert len(series) == MAX_TOPIC_LABELS + 1  # the cap, plus the one label past it
+    other = f'rango_hub_subscriptions_count{{topic="{OTHER_TOPIC}",type="public"}}'
+    # Two labels were taken before; the seven names past the cap are folded together.
+    assert sample(text, other) == 7
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in series) == MAX_TOPIC_LABELS + 5
+
+
+def test_gc_counters_follow_the_interpreter() -> None:
+    m = WorkerMetrics()
+    m.flush(True, 0)
+    gc.collect()
+    m.flush(True, 0)
+    text = exposition(m._gc_collections)
+    assert sample(text, 'python_gc_collections_total{generation="2"}') >= 1
+
+
+def test_process_tree_sums_memory_over_master_and_workers() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        alone = exposition(ProcessTreeCollector(lambda: []))
+        deadline = time.monotonic() + 10
+        while True:
+            both = exposition(ProcessTreeCollector(lambda: [child.pid]))
+            extra = sample(both, "process_resident_memory_bytes") - sample(
+                alone, "process_resident_memory_bytes"
+            )
+            if extra > 60 << 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert extra > 60 << 20
+        assert sample(both, "process_open_fds") > sample(alone, "process_open_fds")
+        assert sample(both, "process_start_time_seconds") == sample(
+            alone, "process_start_time_seconds"
+        )
+        assert os.getpid() != child.pid
+    finally:
+        child.communicate(b"")
