@@ -12,6 +12,7 @@ import tempfile
 
 from ranger_py.config import Config
 from ranger_py.errors import ConfigError
+from ranger_py.logs import logging_config
 
 try:
     _config = Config.load()
@@ -38,30 +39,10 @@ preload_app = False
 control_socket_disable = True
 # Websockets are capped by RANGER_MAX_CONNECTIONS; this only bounds handshakes in flight.
 worker_connections = 1000
-graceful_timeout = 30
+graceful_timeout = _config.graceful_timeout
 loglevel = _config.log_level.lower()
 
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"},
-    },
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "stream": "ext://sys.stderr",
-        },
-    },
-    "root": {"level": _config.log_level, "handlers": ["stderr"]},
-    "loggers": {
-        "gunicorn.error": {"level": _config.log_level, "handlers": ["stderr"], "propagate": False},
-        # kombu and amqp log every reconnect attempt; ours summarise them.
-        "kombu": {"level": "WARNING"},
-        "amqp": {"level": "WARNING"},
-    },
-}
+logconfig_dict = logging_config(_config.log_level, _config.log_format)
 
 _metrics_server = None
 
@@ -70,6 +51,8 @@ def on_starting(server):
     global _metrics_server
     from ranger_py import metrics
 
+    for variable, value, _ in _config.describe():
+        server.log.info("config %s=%s", variable, value)  # secrets are masked by describe()
     metrics.clear_directory(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
         _metrics_server = metrics.MetricsServer(

@@ -383,6 +383,18 @@ class Config:
     log_level: str = _setting(
         "LOG_LEVEL", "INFO", _LOG_LEVEL, "logging level (Rango's trace, fatal, panic also work)"
     )
+    log_format: str = _setting(
+        "LOG_FORMAT",
+        "text",
+        _Choice({"text": "text", "json": "json"}),
+        "log lines as plain text, or one JSON object per line for log shippers",
+    )
+    graceful_timeout: float = _setting(
+        "RANGER_GRACEFUL_TIMEOUT",
+        30.0,
+        _Seconds(),
+        "seconds a stopping worker has to close its clients with 1001 before it is killed",
+    )
     metrics_host: str = _setting(
         "METRICS_HOST", "0.0.0.0", _Text(), "listen address of the Prometheus endpoint"
     )
