@@ -389,10 +389,10 @@ class Config:
         _Choice({"text": "text", "json": "json"}),
         "log lines as plain text, or one JSON object per line for log shippers",
     )
-    graceful_timeout: float = _setting(
+    graceful_timeout: int = _setting(
         "RANGER_GRACEFUL_TIMEOUT",
-        30.0,
-        _Seconds(),
+        30,
+        _Integer(1),
         "seconds a stopping worker has to close its clients with 1001 before it is killed",
     )
     metrics_host: str = _setting(
