@@ -1,22 +1,17 @@
 """Tests for ranger_py.consumer.
 
-Most run on kombu's in-memory transport; the ones marked ``rabbitmq`` need the local broker
-(127.0.0.1:5672, guest/guest) and work in a vhost of their own. Consumers run in threads here;
-gevent is the worker's business, not the consumer's.
+These run on kombu's in-memory transport; tests/integration/test_consumer.py covers the real
+broker. Consumers run in threads here; gevent is the worker's business, not the consumer's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,54 +19,11 @@ import pytest
 from kombu import Connection, Exchange
 
 from ranger_py.consumer import Consumer
+from tests.consumer_support import Recorder, running, wait_for
 
 LOGGER = "ranger_py.consumer"
 RABBITMQ = ("127.0.0.1", 5672)
 START_RABBITMQ = "start it with `rabbitmq-server -detached && rabbitmqctl await_startup`"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-class Recorder:
-    """An on_message callback that remembers what it got and can be told to raise."""
-
-    def __init__(self, fail_on: str | None = None) -> None:
-        self.fail_on = fail_on
-        self.calls: list[tuple[str, bytes]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, routing_key: str, body: bytes) -> None:
-        with self.lock:
-            self.calls.append((routing_key, body))
-        if routing_key == self.fail_on:
-            raise RuntimeError("handler bug")
-
-    def keys(self) -> list[str]:
-        with self.lock:
-            return [key for key, _ in self.calls]
-
-    def wait_for_count(self, n: int, timeout: float = 5.0) -> list[tuple[str, bytes]]:
-        wait_for(lambda: len(self.calls) >= n, timeout, f"{n} messages (got {self.keys()})")
-        with self.lock:
-            return list(self.calls)
-
-
-@contextmanager
-def running(consumer: Consumer, stop_within: float = 3.0) -> Iterator[threading.Thread]:
-    thread = threading.Thread(target=consumer.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        consumer.stop()
-        thread.join(stop_within)
-        assert not thread.is_alive(), f"run_forever still running {stop_within} s after stop()"
 
 
 def memory_consumer(
@@ -290,156 +242,3 @@ def test_unreachable_broker_is_reported_and_stop_still_works(
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert "guest:guest" not in caplog.text  # the password never reaches the log
-
-
-# real RabbitMQ
-
-
-def rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}"
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-def vhost() -> Iterator[str]:
-    try:
-        socket.create_connection(RABBITMQ, timeout=2).close()
-    except OSError as exc:
-        pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 ({exc}); {START_RABBITMQ}")
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail(f"rabbitmqctl is not on PATH; it comes with rabbitmq-server ({START_RABBITMQ})")
-    name = f"ranger-test-consumer-{uuid.uuid4().hex[:12]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        rabbitmqctl("delete_vhost", name)
-
-
-def amqp_url(vhost: str) -> str:
-    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-
-
-def publish_raw(vhost: str, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
-    """Publish on a bare AMQP channel with exactly the properties given (Peatio sets none)."""
-    with Connection(amqp_url(vhost)) as conn:
-        channel = conn.default_channel
-        message = channel.prepare_message(body, **props)
-        channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-
-
-def rabbit_consumer(vhost: str, on_message: Callable[[str, bytes], None], **kw: Any) -> Consumer:
-    return Consumer(amqp_url(vhost), f"test.{uuid.uuid4().hex}", on_message, **kw)
-
-
-def test_rabbitmq_forwards_bodies_byte_for_byte(vhost: str) -> None:
-    received = Recorder()
-    consumer = rabbit_consumer(vhost, received)
-    json_body = '{"price":"1.10","name":"\u00e9"}'.encode()
-    latin1_body = b'{"name":"\xe9"}'
-    with running(consumer):
-        wait_for(lambda: consumer.ready, what="ready")
-        publish_raw(vhost, consumer.exchange_name, "public.btcusd.trades", json_body)
-        publish_raw(
-            vhost,
-            consumer.exchange_name,
-            "private.IDABC.order",
-            json_body,
-            content_type="application/json",
-            content_encoding="utf-8",
-        )
-        # py-amqp would decode this to str; re-encoding as UTF-8 would change the bytes.
-        publish_raw(
-            vhost, consumer.exchange_name, "global.tickers", latin1_body, content_encoding="latin-1"
-        )
-        calls = received.wait_for_count(3)
-    assert calls == [
-        ("public.btcusd.trades", json_body),
-        ("private.IDABC.order", json_body),
-        ("global.tickers", latin1_body),
-    ]
-
-
-def test_rabbitmq_exchange_with_other_flags_is_used_as_it_is(
-    vhost: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    received = Recorder()
-    consumer = rabbit_consumer(vhost, received)
-    with Connection(amqp_url(vhost)) as conn:
-        durable = Exchange(consumer.exchange_name, type="topic", durable=True)
-        durable.declare(channel=conn.default_channel)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), running(consumer):
-        wait_for(lambda: consumer.ready, what="ready")
-        publish_raw(vhost, consumer.exchange_name, "public.btcusd.trades", b"{}")
-        received.wait_for_count(1)
-    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
-    assert len(warnings) == 1
-    assert "using it as it is" in warnings[0]
-    assert "PRECONDITION_FAILED" in warnings[0]
-
-
-def test_rabbitmq_queue_is_bounded_and_exclusive(vhost: str) -> None:
-    consumer = rabbit_consumer(vhost, Recorder(), queue_max_length=77)
-    with running(consumer):
-        wait_for(lambda: consumer.ready, what="ready")
-        listing = rabbitmqctl(
-            "list_queues", "-p", vhost, "name", "arguments", "exclusive", "auto_delete",
-            "durable", "--formatter", "json", "--quiet",
-        )  # fmt: skip
-        bindings = rabbitmqctl(
-            "list_bindings", "-p", vhost, "source_name", "routing_key",
-            "--formatter", "json", "--quiet",
-        )  # fmt: skip
-    [queue] = json.loads(listing)
-    assert queue["name"].startswith("amq.gen-")
-    assert (queue["exclusive"], queue["auto_delete"], queue["durable"]) == (True, True, False)
-    arguments = {name: value for name, _type, value in queue["arguments"]}
-    assert arguments == {"x-max-length": 77, "x-overflow": "drop-head"}
-    assert {"source_name": consumer.exchange_name, "routing_key": "#"} in json.loads(bindings)
-
-
-def test_rabbitmq_closing_the_connection_is_survived(vhost: str) -> None:
-    received = Recorder()
-    consumer = rabbit_consumer(vhost, received)
-    with running(consumer):
-        wait_for(lambda: consumer.ready, what="ready")
-        # list_connections lists every vhost: close only the connections of ours (the shared
-        # broker serves other people's tests too).
-        listing = rabbitmqctl("list_connections", "vhost", "pid", "--quiet").splitlines()
-        ours = [line.split("\t")[1] for line in listing if line.split("\t")[0] == vhost]
-        assert len(ours) == 1
-        rabbitmqctl("close_connection", ours[0], "closed by test")
-        wait_for(lambda: not consumer.ready, what="the loss")
-        assert "closed by test" in consumer.status
-        wait_for(lambda: consumer.ready, timeout=10, what="ready again")
-        assert consumer.reconnects == 1
-        publish_raw(vhost, consumer.exchange_name, "public.a.b", b"{}")
-        received.wait_for_count(1)
-
-
-def test_rabbitmq_heartbeats_are_sent_under_steady_traffic(vhost: str) -> None:
-    # kombu checks heartbeats only when a drain times out; with a message every 0.25 s it never
-    # does, and RabbitMQ drops a silent client after about 3 heartbeat intervals (9 s here).
-    received = Recorder()
-    consumer = rabbit_consumer(vhost, received, heartbeat=3)
-    sent = 0
-    with running(consumer):
-        wait_for(lambda: consumer.ready, what="ready")
-        with Connection(amqp_url(vhost)) as conn:
-            channel = conn.default_channel
-            deadline = time.monotonic() + 12
-            while time.monotonic() < deadline:
-                channel.basic_publish(
-                    channel.prepare_message(b"{}"),
-                    exchange=consumer.exchange_name,
-                    routing_key="public.a.b",
-                )
-                sent += 1
-                time.sleep(0.25)  # the publishing pace under test, not a wait for a condition
-        received.wait_for_count(sent)
-        assert consumer.reconnects == 0
-        assert consumer.ready

@@ -1,0 +1,56 @@
+"""Helpers shared by the consumer's unit tests (in-memory broker) and integration tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from ranger_py.consumer import Consumer
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Recorder:
+    """An on_message callback that remembers what it got and can be told to raise."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, routing_key: str, body: bytes) -> None:
+        with self.lock:
+            self.calls.append((routing_key, body))
+        if routing_key == self.fail_on:
+            raise RuntimeError("handler bug")
+
+    def keys(self) -> list[str]:
+        with self.lock:
+            return [key for key, _ in self.calls]
+
+    def wait_for_count(self, n: int, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+        wait_for(lambda: len(self.calls) >= n, timeout, f"{n} messages (got {self.keys()})")
+        with self.lock:
+            return list(self.calls)
+
+
+@contextmanager
+def running(consumer: Consumer, stop_within: float = 3.0) -> Iterator[threading.Thread]:
+    thread = threading.Thread(target=consumer.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        consumer.stop()
+        thread.join(stop_within)
+        assert not thread.is_alive(), f"run_forever still running {stop_within} s after stop()"
