@@ -60,6 +60,8 @@ class App:
 
     def _http(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            raise HandshakeError(400, "only GET health probes and websocket upgrades are served")
         if path == "/healthcheck":  # Ruby Ranger's probe
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"OK"]

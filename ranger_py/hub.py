@@ -41,7 +41,8 @@ _RawSocket: type[socket.socket] = get_original("socket", "socket")
 
 # Yield to the event loop after this many broker messages in a row, so a backlog drain cannot
 # starve websocket I/O (reference/deps.md measured 1.4 s stalls without it). Between yields the
-# frames of up to this many messages are coalesced per client.
+# frames of up to this many messages are coalesced per client; never more than half a send
+# queue, or a burst would overflow clients that read as fast as they can before any write.
 _YIELD_EVERY = 64
 _SWEEP_INTERVAL = 1.0
 
@@ -65,6 +66,7 @@ class Hub:
         self.consumer = Consumer.from_config(config, self.on_broker_message)
         self._flush_pending = False
         self._since_yield = 0
+        self._yield_every = max(1, min(_YIELD_EVERY, config.send_queue_size // 2))
         self._ids = itertools.count(1)
         self._sweeper: Any = None
         self._consumer_greenlet: gevent.Greenlet | None = None
@@ -184,7 +186,7 @@ class Hub:
             reason = outcome.reason  # type: ignore[union-attr]
             metrics.dropped[reason] = metrics.dropped.get(reason, 0) + 1
         self._since_yield += 1
-        if self._since_yield >= _YIELD_EVERY:
+        if self._since_yield >= self._yield_every:
             self._since_yield = 0
             gevent.sleep(0)
 
