@@ -1,0 +1,1 @@
+"""Integration tests: the real server (a gunicorn subprocess), RabbitMQ and websocket clients."""

@@ -1,0 +1,30 @@
+"""RFC 6455 conformance (PROTOCOL §2): kosoku's categories 1-7 and 9 against the echo path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conformance import CATEGORIES, ECHO_ENV, run_kosoku
+from .harness import StartServer
+
+
+@pytest.mark.timeout(900)
+def test_rfc6455_conformance(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(ECHO_ENV, name="echo")
+    outcomes = run_kosoku(server.url("/echo"), tmp_path)
+    assert {outcome.case.split(".")[0] for outcome in outcomes} == set(CATEGORIES)
+    failed = []
+    for outcome in outcomes:
+        if outcome.passed:
+            continue
+        reports = list(tmp_path.glob(f"*_case_{outcome.case.replace('.', '_')}.json"))
+        detail = json.loads(reports[0].read_text()) if reports else {}
+        failed.append(
+            f"{outcome.case} {outcome.behavior}/{outcome.behavior_close} "
+            f"close={outcome.remote_close_code}: {detail.get('description', '')} "
+            f"-> {detail.get('result', '')} {detail.get('resultClose', '')}"
+        )
+    assert not failed, f"{len(failed)} of {len(outcomes)} cases failed:\n" + "\n".join(failed)
