@@ -78,7 +78,7 @@ class App:
     @staticmethod
     def _json(start_response: StartResponse, code: int, body: object) -> list[bytes]:
         start_response(_status(code), [("Content-Type", "application/json")])
-        return [json.dumps(body).encode()]
+        return [json.dumps(body, separators=(",", ":")).encode()]
 
     # -- upgrades ----------------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ class HandshakeError(RangerError):
 
     @property
     def body(self) -> bytes:
-        return json.dumps({"error": self.reason}).encode()
+        return json.dumps({"error": self.reason}, separators=(",", ":")).encode()
 
 
 class ClientError(RangerError):

@@ -49,7 +49,7 @@ def test_bad_upgrades_get_an_http_status(environ: dict[str, str], status: int) -
     with pytest.raises(HandshakeError) as info:
         accept_key(environ)
     assert info.value.status == status
-    assert info.value.body.startswith(b'{"error": ')
+    assert info.value.body.startswith(b'{"error":"')
 
 
 @pytest.mark.parametrize(
