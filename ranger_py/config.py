@@ -407,6 +407,13 @@ class Config:
     send_queue_size: int = _setting(
         "RANGER_SEND_QUEUE_SIZE", 256, _COUNT, "frames queued per client; past it, close 1008"
     )
+    send_buffer: int = _setting(
+        "RANGER_SEND_BUFFER",
+        262144,
+        _Integer(0),
+        "bytes of kernel send buffer per client (SO_SNDBUF; 0: the kernel's autotuning, up to"
+        " ~4 MB a client before the send queue bound even starts counting)",
+    )
     ping_interval: float = _setting(
         "RANGER_PING_INTERVAL", 54.0, _Seconds(), "seconds between server pings"
     )

@@ -111,8 +111,10 @@ class Hub:
 
     # -- connections -------------------------------------------------------------------------
 
-    def attach(self, fd: int, auth: Auth, path: str, streams: list[str]) -> Connection:
-        """Take over an upgraded socket (already answered 101) as a gateway client."""
+    def attach(
+        self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
+    ) -> Connection:
+        """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response."""
         conn = Connection(
             self,
             self._socket(fd),
@@ -125,11 +127,13 @@ class Hub:
         self.connections.add(conn)
         self.metrics.clients.inc()
         log.info("connection %d open path=%s uid=%s", conn.id, path, auth.uid or "-")
+        conn.queue(greeting)
         # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
         conn.subscribe(streams)
+        conn.flush()
         return conn
 
-    def attach_echo(self, fd: int) -> EchoConnection:
+    def attach_echo(self, fd: int, greeting: bytes) -> EchoConnection:
         ws = EchoConnection(
             self,
             self._socket(fd),
@@ -138,13 +142,18 @@ class Hub:
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(ws)
+        ws.queue(greeting)
+        ws.flush()
         return ws
 
-    @staticmethod
-    def _socket(fd: int) -> socket.socket:
+    def _socket(self, fd: int) -> socket.socket:
         sock = _RawSocket(fileno=fd)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.send_buffer:
+            # A fixed buffer turns off Linux's autotuning, which lets a stalled reader park
+            # ~4 MB in the kernel before the send queue bound sees anything (bench: slow).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
         return sock
 
     def closed(self, ws: WebSocket, reason: str) -> None:

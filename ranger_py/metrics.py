@@ -127,7 +127,7 @@ class WorkerMetrics:
         self._fanout_sum = 0.0
         self._reconnects_seen = 0
         self._gc_seen: list[dict[str, int]] = []
-        self._topics: set[tuple[str, str]] = set()
+        self._topics: dict[tuple[str, str], Gauge] = {}
 
     def observe_fanout(self, seconds: float) -> None:
         self._fanout_counts[bisect_left(FANOUT_BUCKETS, seconds)] += 1
@@ -135,12 +135,15 @@ class WorkerMetrics:
 
     def subscription(self, kind: str, topic: str, delta: int) -> None:
         """Router hook: one membership of ``topic`` added (+1) or removed (-1)."""
-        key = (kind, topic)
-        if key not in self._topics:
-            if len(self._topics) >= MAX_TOPIC_LABELS:
-                key = (kind, OTHER_TOPIC)
-            self._topics.add(key)
-        self.subscriptions.labels(*key).inc(delta)
+        # labels() takes a lock and builds a key on every call: the child is kept per stream.
+        child = self._topics.get((kind, topic))
+        if child is None:
+            if len(self._topics) < MAX_TOPIC_LABELS:
+                child = self._topics[kind, topic] = self.subscriptions.labels(kind, topic)
+            else:
+                # The table never shrinks, so a stream counted here on +1 is counted here on -1.
+                child = self.subscriptions.labels(kind, OTHER_TOPIC)
+        child.inc(delta)
 
     def flush(self, broker_connected: bool, broker_reconnects: int) -> None:
         """Push what the hot path counted since the last call; about once a second."""

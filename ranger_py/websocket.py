@@ -165,7 +165,7 @@ class WebSocket:
     # -- outbound ----------------------------------------------------------------------------
 
     def queue(self, frame: bytes) -> None:
-        """Hot path: add one encoded frame; the owner flushes once per loop turn."""
+        """Hot path: add bytes to write (one encoded frame); the owner flushes once per turn."""
         out = self._out
         n = len(out)
         if n >= self._limit:  # _limit is 0 once closing, so nothing follows the close frame

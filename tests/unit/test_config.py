@@ -42,6 +42,7 @@ DEFAULTS: dict[str, object] = {
     "metrics_port": 4242,
     "max_message_size": 4096,
     "send_queue_size": 256,
+    "send_buffer": 262144,
     "ping_interval": 54.0,
     "pong_timeout": 60.0,
     "write_timeout": 10.0,
@@ -187,6 +188,7 @@ REJECTED = [
     ("METRICS_PORT", "70000", "between 1 and 65535"),
     ("RANGER_MAX_MESSAGE_SIZE", "127", '"127" is not an integer >= 128'),
     ("RANGER_SEND_QUEUE_SIZE", "0", "is not an integer >= 1"),
+    ("RANGER_SEND_BUFFER", "-1", '"-1" is not an integer >= 0'),
     ("RANGER_PING_INTERVAL", "0", '"0" is not a number of seconds > 0'),
     ("RANGER_PING_INTERVAL", "fast", "is not a number of seconds > 0"),
     ("RANGER_PONG_TIMEOUT", "-5", "is not a number of seconds > 0"),
@@ -527,3 +529,9 @@ def test_module_printer_subprocess_bad_value() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("ranger-py: invalid configuration: METRICS_PORT: ")
+
+
+def test_readme_table_is_the_declared_settings() -> None:
+    # The README's configuration table is generated from the declarations; keep it in step.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert env_table_markdown() in readme
