@@ -44,18 +44,20 @@ loglevel = _config.log_level.lower()
 
 logconfig_dict = logging_config(_config.log_level, _config.log_format)
 
-_metrics_server = None
+# The hooks keep their state on gunicorn's arbiter (`server`): a HUP reload runs this file again
+# as a fresh module, and the metrics endpoint and its directory must outlive that.
 
 
 def on_starting(server):
-    global _metrics_server
     from ranger_py import metrics
 
     for variable, value, _ in _config.describe():
         server.log.info("config %s=%s", variable, value)  # secrets are masked by describe()
-    metrics.clear_directory(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    server.ranger_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    server.ranger_metrics_dir_is_ours = _metrics_dir_is_ours
+    metrics.clear_directory(server.ranger_metrics_dir)
     try:
-        _metrics_server = metrics.MetricsServer(
+        server.ranger_metrics = metrics.MetricsServer(
             _config.metrics_host, _config.metrics_port, lambda: list(server.WORKERS)
         )
     except OSError as exc:
@@ -66,12 +68,12 @@ def on_starting(server):
 
 
 def when_ready(server):
-    _metrics_server.start()
+    server.ranger_metrics.start()
     server.log.info("metrics on http://%s:%d/metrics", _config.metrics_host, _config.metrics_port)
 
 
 def post_fork(server, worker):
-    _metrics_server.close_in_child()
+    server.ranger_metrics.close_in_child()
 
 
 def child_exit(server, worker):
@@ -81,7 +83,8 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _metrics_server is not None:
-        _metrics_server.stop()
-    if _metrics_dir_is_ours:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    metrics_server = getattr(server, "ranger_metrics", None)
+    if metrics_server is not None:
+        metrics_server.stop()
+    if getattr(server, "ranger_metrics_dir_is_ours", False):
+        shutil.rmtree(server.ranger_metrics_dir, ignore_errors=True)

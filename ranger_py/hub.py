@@ -163,7 +163,14 @@ class Hub:
             self.router.remove(ws)
             self.metrics.clients.dec()
             note = f" (close {ws.close_note})" if ws.close_note else ""
-            log.info("connection %d closed: %s%s", ws.id, reason, note)
+            log.info(
+                "connection %d closed path=%s uid=%s: %s%s",
+                ws.id,
+                ws.path,
+                ws.auth.uid or "-",
+                reason,
+                note,
+            )
 
     def slow(self, ws: WebSocket) -> None:
         self.metrics.slow_clients.inc()
