@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from .broker import Broker, Publisher
+from .scrape import Scrape
 from .wsclient import Client, HttpResponse, http_request
 
 __all__ = [
@@ -130,6 +131,8 @@ class Server:
             **({} if exchange == DEFAULT_EXCHANGE else {"RANGER_EXCHANGE": exchange}),
             **env,
         }
+        # How users start it; a test may run the Procfile's command instead.
+        self.command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
         self._log: IO[bytes] | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -141,7 +144,7 @@ class Server:
     def start(self, *, wait: bool = True) -> Server:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            self.command,
             cwd=REPO,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -198,6 +201,14 @@ class Server:
         assert self.process is not None
         self.process.send_signal(signum)
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers now running: the master's child processes."""
+        self._check_alive()
+        assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(child) for child in children.split()]
+
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
         assert self.process is not None
         return self.process.wait(timeout=timeout)
@@ -252,6 +263,12 @@ class Server:
 
     def http(self, path: str, **kwargs: object) -> HttpResponse:
         return http_request(self.port, path, **kwargs)  # type: ignore[arg-type]
+
+    def scrape(self, path: str = "/metrics") -> Scrape:
+        """One scrape of the metrics endpoint (PROTOCOL §7)."""
+        response = http_request(self.metrics_port, path)
+        assert response.status == 200, (path, response)
+        return Scrape.parse(response.body.decode())
 
     def publish(self, routing_key: str, body: bytes | str | object) -> None:
         """Publish ``body`` (raw if bytes/str, else compact JSON) to this server's exchange."""
