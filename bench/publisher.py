@@ -1,0 +1,189 @@
+"""The publisher: Peatio's side of the gateway, paced, in a process of its own.
+
+Run by the orchestrator as ``python -m bench.publisher`` and driven over :mod:`bench.rpc`. It
+speaks plain AMQP (py-amqp) like Peatio: raw JSON bodies, no properties, to a non-durable topic
+exchange. Every body is about ``body_size`` bytes and starts with the send time
+(``"ts"``: CLOCK_MONOTONIC in µs, read just before the publish call), so a client can measure
+publish → client latency. Messages are paced on a fixed schedule (message n is due at
+``start + n / rate``); whatever is due when the process wakes up is sent at once, and the report
+says how far behind schedule it ever fell, so a publisher-bound step is visible as such.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import amqp
+
+from bench import rpc
+
+__all__ = ["Publisher", "main"]
+
+_BODY_HEAD = (
+    b'{"ts":%d,"seq":%d,"tid":%d,"market":"%s","price":"9876.54","amount":"0.1250",'
+    b'"taker_type":"buy","created_at":%d,"pad":"'
+)
+_BODY_TAIL = b'"}'
+# Never sleep less than this: the loop wakes up, publishes what is due, sleeps again.
+_MIN_SLEEP = 0.0002
+
+
+def trade_body(sent_us: int, seq: int, market: bytes, size: int) -> bytes:
+    """A trade-like JSON body of ``size`` bytes (or just over, when ``size`` is tiny)."""
+    head = _BODY_HEAD % (sent_us, seq, seq, market, sent_us // 1_000_000)
+    pad = size - len(head) - len(_BODY_TAIL)
+    return head + b"x" * max(0, pad) + _BODY_TAIL
+
+
+def _now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.connection: amqp.Connection | None = None
+        self.channel: Any = None
+
+    def connect(
+        self, *, host: str, port: int, user: str, password: str, vhost: str, exchange: str
+    ) -> dict[str, Any]:
+        self.connection = amqp.Connection(
+            host=f"{host}:{port}",
+            userid=user,
+            password=password,
+            virtual_host=vhost,
+            connect_timeout=5,
+        )
+        self.connection.connect()
+        self.channel = self.connection.channel()
+        # As Peatio declares it (PROTOCOL §5): topic, non-durable, not auto-delete.
+        self.channel.exchange_declare(exchange, "topic", durable=False, auto_delete=False)
+        return {}
+
+    def _pace(self, rate: float, duration: float, send: Any) -> dict[str, Any]:
+        """Call ``send(n)`` for n = 0, 1, ... on schedule; returns the pacing figures."""
+        total = max(1, int(rate * duration))
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        start_us = _now_us()
+        n = 0
+        behind = 0.0
+        while n < total:
+            now = time.monotonic()
+            due = min(total, int((now - start) * rate) + 1)
+            if n < due:
+                behind = max(behind, now - (start + n / rate))
+            while n < due:
+                send(n)
+                n += 1
+            if n < total:
+                wait = start + n / rate - time.monotonic()
+                time.sleep(max(wait, _MIN_SLEEP))
+            if time.monotonic() > start + duration * 3 + 5:
+                break  # hopelessly behind: stop rather than run on (reported as a short count)
+        end_us = _now_us()
+        return {
+            "published": n,
+            "target": total,
+            "start_us": start_us,
+            "end_us": end_us,
+            "duration_s": (end_us - start_us) / 1e6,
+            "behind_max_ms": behind * 1000.0,
+            "cpu_s": time.process_time() - cpu0,
+        }
+
+    def publish(
+        self,
+        *,
+        exchange: str,
+        keys: list[str],
+        rate: float,
+        duration: float,
+        body_size: int = 200,
+        market: str = "btcusd",
+    ) -> dict[str, Any]:
+        """Publish ``rate`` msg/s for ``duration`` s, routing keys taken in turn."""
+        channel = self.channel
+        message = amqp.Message
+        count = len(keys)
+        tag = market.encode()
+
+        def send(n: int) -> None:
+            body = trade_body(_now_us(), n, tag, body_size)
+            channel.basic_publish(message(body), exchange=exchange, routing_key=keys[n % count])
+
+        return self._pace(rate, duration, send)
+
+    def orderbook(
+        self,
+        *,
+        exchange: str,
+        market: str,
+        rate: float,
+        duration: float,
+        snapshot_every: int,
+        first_seq: int = 1000,
+    ) -> dict[str, Any]:
+        """A snapshot, then increments with consecutive sequence numbers, a new snapshot every
+        ``snapshot_every`` increments (its sequence is the last increment's, as Peatio does)."""
+        channel = self.channel
+        snap_key, inc_key = f"public.{market}.ob-snap", f"public.{market}.ob-inc"
+        state = {"seq": first_seq, "snapshots": 0}
+
+        def snapshot() -> None:
+            asks = ",".join(f'["{9900 + i}.5","{i + 1}.25"]' for i in range(10))
+            bids = ",".join(f'["{9800 - i}.5","{i + 1}.75"]' for i in range(10))
+            body = json.dumps(
+                {
+                    "asks": json.loads(f"[{asks}]"),
+                    "bids": json.loads(f"[{bids}]"),
+                    "sequence": state["seq"],
+                    "ts": _now_us(),
+                },
+                separators=(",", ":"),
+            )
+            channel.basic_publish(
+                amqp.Message(body.encode()), exchange=exchange, routing_key=snap_key
+            )
+            state["snapshots"] += 1
+
+        def send(n: int) -> None:
+            if n % snapshot_every == 0:
+                snapshot()
+            state["seq"] += 1
+            side = "asks" if n % 2 else "bids"
+            level = [f"{9800 + n % 200}.5", f"{n % 7}.125"]
+            body = json.dumps(
+                {side: [level], "sequence": state["seq"], "ts": _now_us()}, separators=(",", ":")
+            )
+            channel.basic_publish(
+                amqp.Message(body.encode()), exchange=exchange, routing_key=inc_key
+            )
+
+        result = self._pace(rate, duration, send)
+        return {**result, "first_seq": first_seq, "last_seq": state["seq"], **state}
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def main() -> None:
+    publisher = Publisher()
+    try:
+        rpc.serve(
+            {
+                "connect": publisher.connect,
+                "publish": publisher.publish,
+                "orderbook": publisher.orderbook,
+            }
+        )
+    finally:
+        publisher.close()
+
+
+if __name__ == "__main__":
+    main()

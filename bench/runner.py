@@ -1,0 +1,579 @@
+"""The orchestrator's machinery: helper processes, servers, and one measured publish step.
+
+A :class:`Bench` owns everything a run starts (the broker vhost, the publisher process, the
+load-generator processes, each server) and tears all of it down, whatever happens. A *step* is
+the unit of measurement: reset the clients' counters, publish at one rate for a fixed time, wait
+(bounded) for the last frames, then collect latencies, delivery and the CPU of every party.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procs, stats
+from bench.rpc import Child
+from bench.server import EXCHANGE, REPO, Broker, Server, ServerSpec
+from bench.tokens import Signer
+
+__all__ = ["Bench", "LoadGens", "OutOfTime", "Settings", "now_us"]
+
+# A step passes ("sustained") when at least this share of the expected frames arrived and
+# the 99th percentile stayed under the limit (issue 4's definition of max sustained).
+MIN_DELIVERED = 0.99
+P99_LIMIT_MS = 100.0
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class OutOfTime(Exception):
+    """The run's time budget is spent; scenarios stop where they are."""
+
+
+@dataclass
+class Settings:
+    """Every size, rate and duration of a run (``--quick`` or the full defaults)."""
+
+    quick: bool = False
+    step_s: float = 6.0
+    drain_max_s: float = 5.0
+    drain_idle_s: float = 1.0
+    warmup_s: float = 1.0
+    body_size: int = 200
+    loadgen_procs: int = 1
+    connect_concurrency: int = 200
+    # Fan-out clients whose latency is recorded: one in this many (delivery counts them all).
+    probe_every: int = 10
+    fanout_clients: int = 1000
+    fanout_rates: list[int] = field(
+        default_factory=lambda: [50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1500]
+    )
+    # Failed steps in a row that end a knee search.
+    fail_limit: int = 2
+    idle_connections: int = 5000
+    idle_settle_s: float = 3.0
+    private_users: int = 1000
+    private_rates: list[int] = field(default_factory=lambda: [500, 1000, 2000, 4000, 8000])
+    slow_clients: int = 50
+    slow_rate: int = 200
+    slow_step_s: float = 15.0
+    slow_stall_max_s: float = 12.0
+    slow_rcvbuf: int = 65536
+    # A second stream only the slow clients read: large bodies, so that a stalled client fills
+    # the kernel's send buffer (Linux autotunes it up to tcp_wmem's max, 4 MiB) in seconds.
+    slow_bulk_rate: int = 100
+    slow_bulk_size: int = 8192
+    book_subscribers: int = 100
+    book_waves: int = 5
+    book_rate: int = 200
+    book_s: float = 10.0
+    book_snapshot_every: int = 500
+    multiworker_rates: list[int] = field(
+        default_factory=lambda: [100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1500]
+    )
+    max_minutes: float = 45.0
+
+    @classmethod
+    def for_quick(cls) -> Settings:
+        """Every scenario, briefly: a smoke check that runs in under two minutes."""
+        return cls(
+            quick=True,
+            step_s=1.5,
+            drain_max_s=2.0,
+            drain_idle_s=0.4,
+            warmup_s=0.5,
+            fanout_rates=[50, 300],
+            fail_limit=1,
+            idle_connections=500,
+            idle_settle_s=1.0,
+            private_rates=[500],
+            slow_clients=20,
+            slow_bulk_rate=120,
+            slow_step_s=10.0,
+            slow_stall_max_s=9.0,
+            book_subscribers=20,
+            book_waves=2,
+            book_s=3.0,
+            multiworker_rates=[100, 300],
+            max_minutes=4.0,
+        )
+
+
+class LoadGens:
+    """The load-generator processes, driven as one: clients are split evenly between them."""
+
+    def __init__(self, bench: Bench, count: int) -> None:
+        self.children = [
+            Child(
+                f"loadgen-{i}",
+                "bench.loadgen",
+                log_path=bench.log_dir / f"loadgen-{i}.log",
+                cwd=REPO,
+            )
+            for i in range(count)
+        ]
+
+    def _all(
+        self,
+        command: str,
+        timeout: float,
+        per_child: list[dict[str, Any]] | None = None,
+        **args: Any,
+    ) -> list[dict[str, Any]]:
+        for i, child in enumerate(self.children):
+            child.send(command, **args, **(per_child[i] if per_child else {}))
+        return [child.recv(timeout) for child in self.children]
+
+    def connect(
+        self, group: str, urls: list[str], tokens_file: Path | None = None, **options: Any
+    ) -> dict[str, Any]:
+        n = len(self.children)
+        bounds = [len(urls) * i // n for i in range(n + 1)]
+        per_child = [
+            {
+                "urls": urls[bounds[i] : bounds[i + 1]],
+                "token_offset": bounds[i],
+                "tokens_file": str(tokens_file) if tokens_file else None,
+            }
+            for i in range(n)
+        ]
+        timeout = 60.0 + len(urls) / 50.0
+        parts = self._all("connect", timeout, per_child, group=group, **options)
+        errors: Counter[str] = Counter()
+        for part in parts:
+            errors.update(part["errors"])
+        elapsed = max(p["elapsed_s"] for p in parts)
+        return {
+            "requested": len(urls),
+            "connected": sum(p["connected"] for p in parts),
+            "failed": sum(p["failed"] for p in parts),
+            "errors": dict(errors.most_common(5)),
+            "elapsed_s": elapsed,
+            "client_cpu_pct": max(100.0 * p["connect_cpu_s"] / max(elapsed, 1e-9) for p in parts),
+            "subscribed": sum(p["subscribed"] for p in parts),
+            "subscribed_wrong_streams": sum(p["subscribed_wrong_streams"] for p in parts),
+        }
+
+    def begin(self, groups: list[str]) -> list[dict[str, Any]]:
+        return self._all("begin", 10.0, step_start_us=now_us(), groups=groups)
+
+    def count(self, groups: list[str] | None = None) -> list[dict[str, Any]]:
+        return self._all("count", 10.0, groups=groups)
+
+    def snapshot(self, groups: list[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """Per group, the figures of all processes merged; and each process's raw reply."""
+        parts = self._all("snapshot", 30.0, groups=groups)
+        merged: dict[str, dict[str, Any]] = {}
+        for name in groups:
+            rows = [p["groups"][name] for p in parts if name in p["groups"]]
+            closes: Counter[str] = Counter()
+            errors: Counter[str] = Counter()
+            for row in rows:
+                closes.update(row["closes"])
+                errors.update(row["errors"])
+            maxes = [r["max_us"] for r in rows if r["max_us"] is not None]
+            merged[name] = {
+                "clients": sum(r["clients"] for r in rows),
+                "open": sum(r["open"] for r in rows),
+                "frames": sum(r["frames"] for r in rows),
+                "late": sum(r["late"] for r in rows),
+                "counts": stats.merge(r["histogram"] for r in rows),
+                "max_ms": max(maxes) / 1000.0 if maxes else None,
+                "closes": dict(closes),
+                "dropped": sum(r["dropped"] for r in rows),
+                "errors": dict(errors.most_common(5)),
+            }
+        return merged, parts
+
+    def pause(self, group: str, seconds: float | None = None) -> int:
+        return sum(p["paused"] for p in self._all("pause", 10.0, group=group, seconds=seconds))
+
+    def resume(self, group: str) -> int:
+        return sum(p["resumed"] for p in self._all("resume", 10.0, group=group))
+
+    def ports(self, group: str) -> list[int]:
+        return [port for p in self._all("ports", 10.0, group=group) for port in p["ports"]]
+
+    def send(self, group: str, text: str) -> int:
+        return sum(p["sent"] for p in self._all("send", 10.0, group=group, text=text))
+
+    def outcomes(self, group: str) -> dict[str, Any]:
+        tally: Counter[str] = Counter()
+        frames: list[int] = []
+        for part in self._all("outcomes", 10.0, group=group):
+            tally.update(part["outcomes"])
+            frames.extend(part["frames"])
+        return {"outcomes": dict(tally), "frames": frames}
+
+    def book_report(self, group: str, final_seq: int) -> dict[str, Any]:
+        parts = self._all("book_report", 30.0, group=group, final_seq=final_seq)
+        problems: Counter[str] = Counter()
+        for part in parts:
+            problems.update(part["problems"])
+        keys = ("clients", "verified", "failed", "increments_received", "replayed_increments")
+        merged: dict[str, Any] = {key: sum(p[key] for p in parts) for key in keys}
+        merged["problems"] = dict(problems)
+        merged["counts"] = stats.merge(p["histogram"] for p in parts)
+        return merged
+
+    def close(self, groups: list[str] | None = None) -> dict[str, int]:
+        parts = self._all("close", 30.0, groups=groups, wait=10.0)
+        return {
+            "closed": sum(p["closed"] for p in parts),
+            "forced": sum(p["forced"] for p in parts),
+        }
+
+    def shutdown(self) -> None:
+        for child in self.children:
+            child.close()
+
+
+def _cpu_pct(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], *, total: bool = False
+) -> float:
+    """Load-generator CPU between two replies, in % of one core: the busiest process's, or
+    all processes' together."""
+    shares = []
+    for b, a in zip(before, after, strict=True):
+        wall = a["mono_s"] - b["mono_s"]
+        if wall > 0:
+            shares.append(100.0 * (a["cpu_s"] - b["cpu_s"]) / wall)
+    if not shares:
+        return 0.0
+    return round(float(sum(shares) if total else max(shares)), 1)
+
+
+class Bench:
+    """Everything one run starts, and the measured step."""
+
+    def __init__(self, settings: Settings, broker: Broker, log_dir: Path) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.log_dir = log_dir
+        self.deadline = time.monotonic() + settings.max_minutes * 60.0
+        self.signer = Signer()
+        self.publisher: Child | None = None
+        self._extra: Child | None = None
+        self.loadgens: LoadGens | None = None
+        self._servers = 0
+        self._broker_pids = procs.broker_pids()
+
+    # lifecycle
+
+    def start(self) -> None:
+        self.broker.setup()
+        self._start_helpers()
+
+    def _start_helpers(self) -> None:
+        self.publisher = Child(
+            "publisher", "bench.publisher", log_path=self.log_dir / "publisher.log", cwd=REPO
+        )
+        self.publisher.call(
+            "connect",
+            15.0,
+            host=self.broker.host,
+            port=self.broker.port,
+            user=self.broker.user,
+            password=self.broker.password,
+            vhost=self.broker.vhost,
+            exchange=EXCHANGE,
+        )
+        self.loadgens = LoadGens(self, self.settings.loadgen_procs)
+
+    def extra_publisher(self) -> Child:
+        """A second publisher, for a stream that runs beside the measured one."""
+        if self._extra is None:
+            self._extra = Child(
+                "publisher-2",
+                "bench.publisher",
+                log_path=self.log_dir / "publisher-2.log",
+                cwd=REPO,
+            )
+            self._extra.call(
+                "connect",
+                15.0,
+                host=self.broker.host,
+                port=self.broker.port,
+                user=self.broker.user,
+                password=self.broker.password,
+                vhost=self.broker.vhost,
+                exchange=EXCHANGE,
+            )
+        return self._extra
+
+    def _stop_helpers(self) -> None:
+        if self._extra is not None:
+            self._extra.close()
+            self._extra = None
+        if self.loadgens is not None:
+            self.loadgens.shutdown()
+            self.loadgens = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
+    def helper_pids(self) -> list[int]:
+        children = [self.publisher, self._extra, *(self.loadgens.children if self.loadgens else [])]
+        return [child.process.pid for child in children if child is not None]
+
+    def restart_helpers(self) -> None:
+        """After a helper failed: fresh publisher and load generators for the next scenario."""
+        self._stop_helpers()
+        self._start_helpers()
+
+    def stop(self) -> None:
+        try:
+            self._stop_helpers()
+        finally:
+            # Signed with a throwaway key, but tokens have no business in kept results.
+            (self.log_dir / "tokens.txt").unlink(missing_ok=True)
+            self.broker.teardown()
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise OutOfTime(f"time budget of {self.settings.max_minutes:g} min spent")
+
+    @property
+    def lg(self) -> LoadGens:
+        assert self.loadgens is not None
+        return self.loadgens
+
+    @property
+    def pub(self) -> Child:
+        assert self.publisher is not None
+        return self.publisher
+
+    @contextlib.contextmanager
+    def server(
+        self, spec: ServerSpec, notes: dict[str, Any], *, workers: int = 1
+    ) -> Iterator[Server]:
+        """A fresh server for one scenario; its problems and shutdown end up in ``notes``."""
+        self.check_time()
+        self._servers += 1
+        safe = "".join(ch if ch.isalnum() else "-" for ch in spec.label)
+        server = Server(
+            spec,
+            self.broker,
+            log_path=self.log_dir / f"server-{self._servers}-{safe}-w{workers}.log",
+            jwt_public_key=self.signer.public_env,
+            workers=workers,
+        )
+        notes["server_log"] = server.log_path.name
+        try:
+            server.start()
+            yield server
+        finally:
+            problems = server.problems()
+            with contextlib.suppress(Exception):
+                self.lg.close()
+            notes["shutdown"] = server.stop()
+            if notes["shutdown"].get("killed"):
+                problems.append(f"did not stop within {notes['shutdown']['stop_s']} s: killed")
+            elif notes["shutdown"].get("exit_code") not in (0, None):
+                problems.append(f"exited with {notes['shutdown']['exit_code']} on SIGTERM")
+            notes["problems"] = problems
+
+    def tokens(self, count: int) -> Path:
+        return self.signer.tokens_file(self.log_dir / "tokens.txt", count)
+
+    # measuring
+
+    def broker_sample(self) -> procs.Sample:
+        return procs.sample(self._broker_pids)
+
+    def warm_up(self, group: str, keys: list[str], rate: int) -> None:
+        """Publish briefly and throw the figures away (first-use costs on every side)."""
+        self.lg.begin([group])
+        self.pub.call(
+            "publish",
+            self.settings.warmup_s * 3 + 30,
+            exchange=EXCHANGE,
+            keys=keys,
+            rate=rate,
+            duration=self.settings.warmup_s,
+            body_size=self.settings.body_size,
+        )
+        time.sleep(0.3)
+        self.lg.snapshot([group])
+
+    def step(
+        self,
+        server: Server,
+        groups: list[str],
+        keys: list[str],
+        rate: float,
+        *,
+        recipients: int,
+        duration: float | None = None,
+        before_publish: Callable[[], None] | None = None,
+        while_publishing: Callable[[float], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Publish ``rate`` msg/s to ``keys`` and measure what ``groups`` receive.
+
+        ``recipients`` is how many clients of ``groups`` should get each message.
+        ``while_publishing(end)`` runs while the publisher works (``end`` is when it should be
+        done, in ``time.monotonic()`` terms); what it returns is kept as the step's ``side``.
+        """
+        self.check_time()
+        settings = self.settings
+        duration = duration or settings.step_s
+        begun = self.lg.begin(groups)
+        if before_publish is not None:
+            before_publish()
+        all0, sirq0 = procs.cpu_by_pid(), procs.softirq_s()
+        srv0, brk0 = server.sample(), self.broker_sample()
+        self.pub.send(
+            "publish",
+            exchange=EXCHANGE,
+            keys=keys,
+            rate=rate,
+            duration=duration,
+            body_size=settings.body_size,
+        )
+        side = while_publishing(time.monotonic() + duration) if while_publishing else None
+        published = self.pub.recv(duration * 3 + 30)
+        srv1, brk1 = server.sample(), self.broker_sample()
+        all1, sirq1 = procs.cpu_by_pid(), procs.softirq_s()
+        counted = self.lg.count(groups)
+        expected = published["published"] * recipients
+        # Wait for the last frames: until all arrived, or nothing more came for a while.
+        received = sum(c["frames"] for c in counted)
+        last_change = time.monotonic()
+        drain_end = last_change + settings.drain_max_s
+        while received < expected and time.monotonic() < drain_end:
+            time.sleep(0.05)
+            now_received = sum(c["frames"] for c in self.lg.count(groups))
+            if now_received != received:
+                received, last_change = now_received, time.monotonic()
+            elif time.monotonic() - last_change > settings.drain_idle_s:
+                break
+        merged, _ = self.lg.snapshot(groups)
+        figures = self._figures(
+            rate=rate,
+            published=published,
+            expected=expected,
+            merged=merged,
+            srv=(srv0, srv1),
+            brk=(brk0, brk1),
+            begun=begun,
+            counted=counted,
+        )
+        # What else ran on the machine meanwhile. softirq is mostly loopback TCP: part of the
+        # test's cost, charged to no process. "other" is every process that is not the server,
+        # the broker or one of ours: if it is large, the step was not measured on a quiet box.
+        wall = srv1.when - srv0.when
+        if wall > 0:
+            ours = set(srv1.pids) | set(brk1.pids) | set(self.helper_pids())
+            other = sum(cpu - all0.get(pid, cpu) for pid, cpu in all1.items() if pid not in ours)
+            figures["softirq_cpu_pct"] = round(100.0 * (sirq1 - sirq0) / wall, 1)
+            figures["other_cpu_pct"] = round(100.0 * other / wall, 1)
+        if side is not None:
+            figures["side"] = side
+        return figures
+
+    def _figures(
+        self,
+        *,
+        rate: float,
+        published: dict[str, Any],
+        expected: int,
+        merged: dict[str, dict[str, Any]],
+        srv: tuple[procs.Sample, procs.Sample],
+        brk: tuple[procs.Sample, procs.Sample],
+        begun: list[dict[str, Any]],
+        counted: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        frames = sum(g["frames"] for g in merged.values())
+        counts = sum((g["counts"] for g in merged.values()), start=stats.merge([]))
+        p50, p90, p99 = stats.percentiles_ms(counts)
+        maxes = [g["max_ms"] for g in merged.values() if g["max_ms"] is not None]
+        duration = max(published["duration_s"], 1e-9)
+        delivered = frames / expected if expected else None
+        closes: Counter[str] = Counter()
+        for g in merged.values():
+            closes.update(g["closes"])
+        passed = (
+            delivered is not None
+            and delivered >= MIN_DELIVERED
+            and p99 is not None
+            and p99 < P99_LIMIT_MS
+        )
+        return {
+            "rate": rate,
+            "published": published["published"],
+            "publish_rate": round(published["published"] / duration, 1),
+            "publisher_behind_max_ms": round(published["behind_max_ms"], 1),
+            "expected_frames": expected,
+            "frames": frames,
+            "delivered_ratio": round(delivered, 4) if delivered is not None else None,
+            "delivered_per_s": round(frames / duration),
+            "p50_ms": p50,
+            "p90_ms": p90,
+            "p99_ms": p99,
+            "max_ms": max(maxes) if maxes else None,
+            "late_frames": sum(g["late"] for g in merged.values()),
+            "closed_by_server": dict(closes),
+            "dropped_connections": sum(g["dropped"] for g in merged.values()),
+            "errors": {k: v for g in merged.values() for k, v in g["errors"].items()},
+            "server_cpu_pct": srv[1].cpu_percent_since(srv[0]),
+            "server_rss_mb": round(srv[1].rss_bytes / 2**20, 1),
+            "broker_cpu_pct": brk[1].cpu_percent_since(brk[0]),
+            "client_cpu_pct": _cpu_pct(begun, counted),
+            "client_cpu_total_pct": _cpu_pct(begun, counted, total=True),
+            "client_procs": len(begun),
+            "publisher_cpu_pct": round(100.0 * published["cpu_s"] / duration, 1),
+            "sustained": passed,
+        }
+
+    def knee(
+        self,
+        server: Server,
+        group: str,
+        keys: list[str],
+        rates: list[int],
+        *,
+        recipients: int,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Steps at rising rates until ``fail_limit`` fail in a row; the best one that held.
+
+        A failed step below the best passing one (noise on a shared machine) is flagged as
+        ``non_monotonic``: the table shows every step, so a reader can judge.
+        """
+        steps: list[dict[str, Any]] = []
+        in_a_row = 0
+        stopped = None
+        for rate in rates:
+            try:
+                step = self.step(server, [group], keys, rate, recipients=recipients)
+            except OutOfTime as exc:
+                stopped = str(exc)
+                break
+            steps.append(step)
+            if on_step is not None:
+                on_step(step)
+            in_a_row = 0 if step["sustained"] else in_a_row + 1
+            if in_a_row >= self.settings.fail_limit:
+                break
+            if not server.alive:
+                stopped = "server exited"
+                break
+        passing = [s for s in steps if s["sustained"]]
+        best = max(passing, key=lambda s: s["delivered_per_s"]) if passing else None
+        return {
+            "steps": steps,
+            "max_sustained_per_s": best["delivered_per_s"] if best else None,
+            "max_sustained_rate": best["rate"] if best else None,
+            "knee_found": in_a_row >= self.settings.fail_limit,
+            "non_monotonic": bool(
+                best and any(not s["sustained"] and s["rate"] < best["rate"] for s in steps)
+            ),
+            "stopped": stopped,
+        }

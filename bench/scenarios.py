@@ -1,0 +1,412 @@
+"""The scenarios of issue 4, each on a fresh server: what is measured and how it is judged.
+
+* ``idle``: N connections x 2 streams with RS256 tokens; connects/s, server RSS per connection
+  (whole process tree), what is left after they close, growth when they connect again.
+* ``fanout``: 1000 clients on one public stream, stepped msg/s up to the knee.
+* ``private``: 1000 users, one recipient per message, stepped msg/s from 500.
+* ``slow``: the same fan-out run twice at one rate, everyone reading, then with some clients
+  stalled; the stalled ones must be closed with 1008, the others' p99 must stay within 2x.
+* ``orderbook``: late subscribers join during a stream of increments; each must get the snapshot
+  first, then every increment with no gap in the sequence numbers.
+* ``multiworker``: fan-out capacity with ``WEB_CONCURRENCY=2`` against one worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench import procs, report, stats
+from bench.runner import Bench, OutOfTime
+from bench.server import EXCHANGE, Server, ServerSpec
+from bench.tokens import uid
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+Scenario = Callable[[Bench, ServerSpec], dict[str, Any]]
+
+_FANOUT_MARKET = "btcusd"
+_MARKETS = [f"mkt{i:02d}usd" for i in range(20)]
+# A stalled client's kernel send queue counts as full once it has not grown for this long
+# (and holds at least this much); then the server gets _GRACE_S to apply its own bound.
+_FULL_AFTER_S = 1.0
+_FULL_MIN_BYTES = 64 * 1024
+_GRACE_S = 2.0
+
+
+def _fanout_clients(
+    bench: Bench, server: Server, group: str, count: int, **options: Any
+) -> dict[str, Any]:
+    url = server.url(f"/public?stream={_FANOUT_MARKET}.trades")
+    return bench.lg.connect(
+        group,
+        [url] * count,
+        concurrency=bench.settings.connect_concurrency,
+        expect_streams=1,
+        **options,
+    )
+
+
+def idle(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    settings = bench.settings
+    n = settings.idle_connections
+    tokens = bench.tokens(n)
+    result: dict[str, Any] = {"connections": n}
+    with bench.server(spec, result) as server:
+        # Warm up the handshake path, then take the baseline.
+        bench.lg.connect("warm", [server.url("/public?stream=warm.up")] * 20, concurrency=20)
+        bench.lg.close(["warm"])
+        time.sleep(1.0)
+        base = server.sample()
+        urls = [
+            server.url(f"/private?stream={_MARKETS[i % len(_MARKETS)]}.trades&stream=order")
+            for i in range(n)
+        ]
+        before = server.sample()
+        connect = bench.lg.connect(
+            "idle",
+            urls,
+            tokens,
+            concurrency=settings.connect_concurrency,
+            expect_streams=2,
+        )
+        after_connect = server.sample()
+        time.sleep(settings.idle_settle_s)
+        settled = server.sample()
+        time.sleep(settings.idle_settle_s)
+        full = server.sample(sockets=True)
+        open_now = _open_clients(bench, "idle")
+        closed = bench.lg.close(["idle"])
+        time.sleep(1.5)
+        after_close = server.sample()
+        # A second round of the same connections: if RSS grows again by as much, memory of the
+        # first round was not reused (a leak); if it stays flat, it was only kept for reuse.
+        again = bench.lg.connect(
+            "idle", urls, tokens, concurrency=settings.connect_concurrency, expect_streams=2
+        )
+        time.sleep(settings.idle_settle_s)
+        second = server.sample()
+        bench.lg.close(["idle"])
+        connected = max(connect["connected"], 1)
+        result.update(
+            {
+                "connected": connect["connected"],
+                "failed": connect["failed"],
+                "errors": connect["errors"],
+                "subscribed_ok": connect["subscribed"] - connect["subscribed_wrong_streams"],
+                "connect_s": round(connect["elapsed_s"], 3),
+                "connects_per_s": round(connect["connected"] / max(connect["elapsed_s"], 1e-9)),
+                "connect_client_cpu_pct": round(connect["client_cpu_pct"], 1),
+                "connect_server_cpu_pct": after_connect.cpu_percent_since(before),
+                "idle_server_cpu_pct": full.cpu_percent_since(settled),
+                "open_after_settle": open_now,
+                "rss_base_mb": round(base.rss_bytes / 2**20, 1),
+                "rss_connected_mb": round(full.rss_bytes / 2**20, 1),
+                "rss_per_conn_kb": round((full.rss_bytes - base.rss_bytes) / connected / 1024, 2),
+                "rss_after_close_mb": round(after_close.rss_bytes / 2**20, 1),
+                "retained_per_conn_kb": round(
+                    (after_close.rss_bytes - base.rss_bytes) / connected / 1024, 2
+                ),
+                "second_round_connected": again["connected"],
+                "rss_second_round_mb": round(second.rss_bytes / 2**20, 1),
+                "second_round_growth_per_conn_kb": round(
+                    (second.rss_bytes - full.rss_bytes) / max(again["connected"], 1) / 1024, 2
+                ),
+                "forced_closes": closed["forced"],
+                "server_processes": len(full.pids),
+                "server_sockets": sum(full.sockets.values()),
+            }
+        )
+    return result
+
+
+def _open_clients(bench: Bench, group: str) -> int:
+    return int(bench.lg.outcomes(group)["outcomes"].get("open", 0))
+
+
+def fanout(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    return _fanout_knee(bench, spec, workers=1, rates=bench.settings.fanout_rates)
+
+
+def _fanout_knee(
+    bench: Bench, spec: ServerSpec, *, workers: int, rates: list[int]
+) -> dict[str, Any]:
+    settings = bench.settings
+    result: dict[str, Any] = {"clients": settings.fanout_clients, "workers": workers}
+    keys = [f"public.{_FANOUT_MARKET}.trades"]
+    with bench.server(spec, result, workers=workers) as server:
+        connect = _fanout_clients(
+            bench, server, "fanout", settings.fanout_clients, probe_every=settings.probe_every
+        )
+        result["connect"] = connect
+        if workers > 1:
+            sockets = server.sample(sockets=True).sockets
+            result["sockets_per_process"] = {str(pid): n for pid, n in sockets.items()}
+        bench.warm_up("fanout", keys, 50)
+        result.update(
+            bench.knee(
+                server,
+                "fanout",
+                keys,
+                rates,
+                recipients=connect["connected"],
+                on_step=lambda step: report.progress("fanout", spec.label, step),
+            )
+        )
+    return result
+
+
+def private(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    settings = bench.settings
+    users = settings.private_users
+    tokens = bench.tokens(users)
+    result: dict[str, Any] = {"users": users}
+    keys = [f"private.{uid(i)}.order" for i in range(users)]
+    with bench.server(spec, result) as server:
+        connect = bench.lg.connect(
+            "private",
+            [server.url("/private?stream=order")] * users,
+            tokens,
+            concurrency=settings.connect_concurrency,
+            expect_streams=1,
+        )
+        result["connect"] = connect
+        bench.warm_up("private", keys, 500)
+        result.update(
+            bench.knee(
+                server,
+                "private",
+                keys,
+                settings.private_rates,
+                recipients=1,
+                on_step=lambda step: report.progress("private", spec.label, step),
+            )
+        )
+    return result
+
+
+def _watch_stall(bench: Bench, server: Server, ports: set[int], end: float) -> dict[str, Any]:
+    """While the slow clients are stalled: wait until the server's kernel send queues towards
+    them stop growing (full), give the server a moment to hit its own bound, then read again.
+
+    The server's queue bound (PROTOCOL §2) only comes into play once the kernel buffer is full;
+    the client must read again before the server's write deadline drops the connection, or the
+    close frame queued behind that buffer could never reach it.
+    """
+    settings = bench.settings
+    start = time.monotonic()
+    stop = min(end - 0.5, start + settings.slow_stall_max_s)
+    peak: dict[int, int] = {}
+    grew_at = start
+    full_at = None
+    while time.monotonic() < stop:
+        queues = procs.send_queues(server.port, ports)
+        if queues is None:  # no ss: stall for the longest time allowed
+            time.sleep(max(0.0, stop - time.monotonic()))
+            break
+        now = time.monotonic()
+        for port, size in queues.items():
+            if size > peak.get(port, 0):
+                peak[port] = size
+                grew_at = now
+        if peak and now - grew_at >= _FULL_AFTER_S and min(peak.values()) >= _FULL_MIN_BYTES:
+            full_at = now
+            time.sleep(max(0.0, min(_GRACE_S, stop - time.monotonic())))
+            break
+        time.sleep(0.2)
+    resumed_at = time.monotonic()
+    bench.lg.resume("slow")
+    sizes = sorted(peak.values())
+    return {
+        "kernel_full_after_s": round(full_at - start, 2) if full_at else None,
+        "stalled_s": round(resumed_at - start, 2),
+        "send_queue_peak_kb_median": round(sizes[len(sizes) // 2] / 1024) if sizes else None,
+        "send_queue_peak_kb_max": round(sizes[-1] / 1024) if sizes else None,
+    }
+
+
+def slow(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    settings = bench.settings
+    n_slow = settings.slow_clients
+    n_fast = settings.fanout_clients - n_slow
+    keys = [f"public.{_FANOUT_MARKET}.trades"]
+    bulk_keys = [f"public.{_FANOUT_MARKET}.bulk"]
+    result: dict[str, Any] = {
+        "clients": settings.fanout_clients,
+        "slow_clients": n_slow,
+        "rate": settings.slow_rate,
+        "bulk_rate": settings.slow_bulk_rate,
+        "bulk_body_bytes": settings.slow_bulk_size,
+        "slow_rcvbuf": settings.slow_rcvbuf,
+    }
+    bulk = bench.extra_publisher()
+    with bench.server(spec, result) as server:
+        fast = _fanout_clients(bench, server, "fast", n_fast, probe_every=settings.probe_every)
+        slow_connect = bench.lg.connect(
+            "slow",
+            [server.url(f"/public?stream={_FANOUT_MARKET}.trades&stream={_FANOUT_MARKET}.bulk")]
+            * n_slow,
+            concurrency=settings.connect_concurrency,
+            expect_streams=2,
+            rcvbuf=settings.slow_rcvbuf,
+        )
+        result["connect"] = {"fast": fast, "slow": slow_connect}
+        bench.warm_up("fast", keys, 50)
+
+        def with_bulk(**hooks: Any) -> dict[str, Any]:
+            # The same bulk stream in both runs: the server's work differs only by the stall.
+            bulk.send(
+                "publish",
+                exchange=EXCHANGE,
+                keys=bulk_keys,
+                rate=settings.slow_bulk_rate,
+                duration=settings.slow_step_s,
+                body_size=settings.slow_bulk_size,
+            )
+            try:
+                return bench.step(
+                    server,
+                    ["fast"],
+                    keys,
+                    settings.slow_rate,
+                    recipients=fast["connected"],
+                    duration=settings.slow_step_s,
+                    **hooks,
+                )
+            finally:
+                bulk.recv(settings.slow_step_s * 3 + 30)
+
+        # 1. Everyone reads: the reference for the fast clients' latency.
+        baseline = with_bulk()
+        report.progress("slow", spec.label, baseline, note="everyone reading")
+        # 2. The slow clients stop reading when the step starts, and read again once the
+        # server's kernel buffers towards them are full (see _watch_stall).
+        ports = set(bench.lg.ports("slow"))
+        stalled = with_bulk(
+            before_publish=lambda: bench.lg.pause("slow"),
+            while_publishing=lambda end: _watch_stall(bench, server, ports, end),
+        )
+        report.progress("slow", spec.label, stalled, note=f"{n_slow} stalled")
+        deadline = time.monotonic() + 20.0
+        slow_out = bench.lg.outcomes("slow")
+        while slow_out["outcomes"].get("open") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            slow_out = bench.lg.outcomes("slow")
+        fast_out = bench.lg.outcomes("fast")
+        base_p99, stall_p99 = baseline["p99_ms"], stalled["p99_ms"]
+        ratio = stall_p99 / base_p99 if base_p99 and stall_p99 else None
+        closed_1008 = slow_out["outcomes"].get("closed 1008", 0)
+        result.update(
+            {
+                "baseline": baseline,
+                "stalled": stalled,
+                "stall": stalled.get("side"),
+                "p99_ratio": round(ratio, 2) if ratio is not None else None,
+                "slow_outcomes": slow_out["outcomes"],
+                "fast_outcomes": fast_out["outcomes"],
+                "slow_closed_1008": closed_1008,
+                "passed": (
+                    ratio is not None
+                    and ratio <= 2.0
+                    and closed_1008 == slow_connect["connected"]
+                    and fast_out["outcomes"].get("open", 0) == fast["connected"]
+                ),
+            }
+        )
+    return result
+
+
+def orderbook(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    settings = bench.settings
+    market = "ethusd"
+    stream = f"{market}.ob-inc"
+    per_wave = max(1, settings.book_subscribers // settings.book_waves)
+    result: dict[str, Any] = {
+        "rate": settings.book_rate,
+        "duration_s": settings.book_s,
+        "snapshot_every": settings.book_snapshot_every,
+        "subscribers": per_wave * settings.book_waves,
+    }
+    groups: list[str] = []
+    with bench.server(spec, result) as server:
+        bench.pub.send(
+            "orderbook",
+            exchange=EXCHANGE,
+            market=market,
+            rate=settings.book_rate,
+            duration=settings.book_s,
+            snapshot_every=settings.book_snapshot_every,
+        )
+        start = time.monotonic()
+        # Waves spread over the first 70 % of the stream; half of each wave subscribes in the
+        # URL, half with a subscribe message once connected (PROTOCOL §6 covers both).
+        for wave in range(settings.book_waves):
+            at = start + 0.3 + wave * (settings.book_s * 0.7) / settings.book_waves
+            time.sleep(max(0.0, at - time.monotonic()))
+            in_url, by_message = f"book-url-{wave}", f"book-msg-{wave}"
+            bench.lg.connect(
+                in_url,
+                [server.url(f"/public?stream={stream}")] * (per_wave - per_wave // 2),
+                kind="book",
+                concurrency=settings.connect_concurrency,
+            )
+            bench.lg.connect(
+                by_message,
+                [server.url("/public")] * (per_wave // 2),
+                kind="book",
+                concurrency=settings.connect_concurrency,
+            )
+            bench.lg.send(by_message, f'{{"event":"subscribe","streams":["{stream}"]}}')
+            groups += [in_url, by_message]
+        published = bench.pub.recv(settings.book_s * 3 + 30)
+        time.sleep(1.0)  # the last increments in flight
+        reports = [bench.lg.book_report(g, published["last_seq"]) for g in groups]
+        problems: dict[str, int] = {}
+        for part in reports:
+            for text, n in part["problems"].items():
+                problems[text] = problems.get(text, 0) + n
+        counts = sum((r["counts"] for r in reports), start=stats.merge([]))
+        p50, _, p99 = stats.percentiles_ms(counts)
+        verified = sum(r["verified"] for r in reports)
+        result.update(
+            {
+                "increments_published": published["published"],
+                "snapshots_published": published["snapshots"],
+                "last_seq": published["last_seq"],
+                "verified": verified,
+                "failed": sum(r["failed"] for r in reports),
+                "problems": problems,
+                "increments_received": sum(r["increments_received"] for r in reports),
+                "replayed_increments": sum(r["replayed_increments"] for r in reports),
+                "inc_p50_ms": p50,
+                "inc_p99_ms": p99,
+                "passed": verified == result["subscribers"],
+            }
+        )
+    return result
+
+
+def multiworker(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    rates = bench.settings.multiworker_rates
+    result: dict[str, Any] = {}
+    for workers in (1, 2):
+        try:
+            result[f"w{workers}"] = _fanout_knee(bench, spec, workers=workers, rates=rates)
+        except OutOfTime as exc:
+            result[f"w{workers}"] = {"stopped": str(exc)}
+            break
+    one = result.get("w1", {}).get("max_sustained_per_s")
+    two = result.get("w2", {}).get("max_sustained_per_s")
+    result["capacity_ratio"] = round(two / one, 2) if one and two else None
+    return result
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "idle": idle,
+    "fanout": fanout,
+    "private": private,
+    "slow": slow,
+    "orderbook": orderbook,
+    "multiworker": multiworker,
+}
