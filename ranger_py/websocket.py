@@ -198,9 +198,13 @@ class WebSocket:
         self._owner.request_flush()
 
     def flush(self) -> None:
-        """Write whatever is pending in one ``send``; park the rest behind a write watcher."""
+        """Write whatever is pending in one ``send``; park the rest behind a write watcher.
+
+        Hot path (once per recipient per loop turn): the common case is one check, one send and
+        a clear. A closed socket always has an empty list, so it needs no state check.
+        """
         out = self._out
-        if not out or self._write_watcher is not None or self.state is State.CLOSED:
+        if not out or self._write_watcher is not None:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
@@ -212,10 +216,8 @@ class WebSocket:
             return
         if sent == len(data):
             out.clear()
-            self._partial = False
-            self._blocked_since = 0.0
-            if self.state is State.CLOSING:
-                self._after_close_sent()
+            if self._blocked_since or self._limit == 0:  # a stall is over, or we are closing
+                self._drained()
             return
         self._keep_unsent(sent)
         # The write deadline counts time without progress, not the age of the backlog.
@@ -223,6 +225,12 @@ class WebSocket:
             self._blocked_since = time.monotonic()
         watcher = self._write_watcher = self._owner.loop.io(self.sock.fileno(), 2)
         watcher.start(self._on_writable)
+
+    def _drained(self) -> None:
+        self._partial = False
+        self._blocked_since = 0.0
+        if self.state is State.CLOSING:
+            self._after_close_sent()
 
     def _keep_unsent(self, sent: int) -> None:
         # Drop the frames that went out whole; keep the tail of the one cut short. The queue
