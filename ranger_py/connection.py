@@ -8,7 +8,7 @@ everything else. The router keeps the subscriptions; the connection only carries
 from __future__ import annotations
 
 import socket
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from ranger_py.auth import Auth
 from ranger_py.errors import ClientError, UnparsableMessage
@@ -34,13 +34,12 @@ class Connection(WebSocket):
         hub: Hub,
         sock: socket.socket,
         conn_id: int,
-        loop: Any,
         *,
         auth: Auth,
         path: str,
         queue_limit: int,
     ) -> None:
-        super().__init__(hub, sock, conn_id, loop, queue_limit=queue_limit)
+        super().__init__(hub, sock, conn_id, queue_limit=queue_limit)
         self.auth = auth
         self.path = path
 

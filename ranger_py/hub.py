@@ -119,7 +119,6 @@ class Hub:
             self,
             self._socket(fd),
             next(self._ids),
-            self.loop,
             auth=auth,
             path=path,
             queue_limit=self.config.send_queue_size,
@@ -138,7 +137,6 @@ class Hub:
             self,
             self._socket(fd),
             next(self._ids),
-            self.loop,
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(ws)

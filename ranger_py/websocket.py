@@ -89,7 +89,6 @@ class WebSocket:
         owner: Owner,
         sock: socket.socket,
         conn_id: int,
-        loop: Any,
         *,
         queue_limit: int,
     ) -> None:
@@ -110,7 +109,7 @@ class WebSocket:
         self._close_deadline = 0.0
         self.last_seen = self.last_ping = time.monotonic()
         self._write_watcher: Any = None
-        self._read_watcher: Any = loop.io(sock.fileno(), 1)
+        self._read_watcher: Any = owner.loop.io(sock.fileno(), 1)
         self._read_watcher.start(self._on_readable)
 
     # -- inbound -----------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def pair() -> Iterator[tuple[Owner, Any, Peer]]:
 
     def make(**kwargs: Any) -> Recorder:
         owner.max_message_size = kwargs.pop("max_message_size", 4096)
-        return Recorder(owner, server, 1, owner.loop, queue_limit=kwargs.pop("queue_limit", 8))
+        return Recorder(owner, server, 1, queue_limit=kwargs.pop("queue_limit", 8))
 
     peer = Peer(gevent.socket.socket(fileno=client.detach()))
     peer.sock.settimeout(5)
