@@ -272,10 +272,12 @@ class Bench:
         self._start_helpers()
 
     def _start_helpers(self) -> None:
-        self.publisher = Child(
-            "publisher", "bench.publisher", log_path=self.log_dir / "publisher.log", cwd=REPO
-        )
-        self.publisher.call(
+        self.publisher = self._publisher("publisher")
+        self.loadgens = LoadGens(self, self.settings.loadgen_procs)
+
+    def _publisher(self, name: str) -> Child:
+        child = Child(name, "bench.publisher", log_path=self.log_dir / f"{name}.log", cwd=REPO)
+        child.call(
             "connect",
             15.0,
             host=self.broker.host,
@@ -285,27 +287,12 @@ class Bench:
             vhost=self.broker.vhost,
             exchange=EXCHANGE,
         )
-        self.loadgens = LoadGens(self, self.settings.loadgen_procs)
+        return child
 
     def extra_publisher(self) -> Child:
         """A second publisher, for a stream that runs beside the measured one."""
         if self._extra is None:
-            self._extra = Child(
-                "publisher-2",
-                "bench.publisher",
-                log_path=self.log_dir / "publisher-2.log",
-                cwd=REPO,
-            )
-            self._extra.call(
-                "connect",
-                15.0,
-                host=self.broker.host,
-                port=self.broker.port,
-                user=self.broker.user,
-                password=self.broker.password,
-                vhost=self.broker.vhost,
-                exchange=EXCHANGE,
-            )
+            self._extra = self._publisher("publisher-2")
         return self._extra
 
     def _stop_helpers(self) -> None:
