@@ -12,10 +12,14 @@ import tempfile
 
 from ranger_py.config import Config
 from ranger_py.errors import ConfigError
+from ranger_py.keys import load_verify_key
 from ranger_py.logs import logging_config
 
 try:
     _config = Config.load()
+    # The key is read here too, before anything listens: a bad one is one line naming
+    # JWT_PUBLIC_KEY, not a traceback in every worker.
+    load_verify_key(_config.jwt_public_key, _config.jwt_algorithm)
 except ConfigError as _exc:
     sys.exit(f"ranger-py: invalid configuration: {_exc}")
 
@@ -37,8 +41,18 @@ wsgi_app = "ranger_py.app:create_app()"
 preload_app = False
 # Several instances on one host must not fight over gunicorn's control socket (deps.md §1).
 control_socket_disable = True
-# Websockets are capped by RANGER_MAX_CONNECTIONS; this only bounds handshakes in flight.
-worker_connections = 1000
+# Websockets are capped by RANGER_MAX_CONNECTIONS; this only bounds handshakes in flight. A
+# handed-over websocket frees its slot, so the slots are only taken by clients still sending their
+# request, and each for at most `keepalive` seconds: gunicorn reads every request head under that
+# deadline. Many cheap slots and a short deadline keep trickling sockets (slowloris) from making
+# real clients wait.
+worker_connections = _config.max_handshakes
+keepalive = _config.handshake_timeout
+# A bearer token may be long (many claims, an RS512 signature): header lines up to 16 KB. Fewer
+# header lines than gunicorn's default 100 keep the most one request head may buffer where it was
+# (50 x 16 KB, about 800 KB); a websocket upgrade through a proxy carries some 10-30 headers.
+limit_request_field_size = 16384
+limit_request_fields = 50
 graceful_timeout = _config.graceful_timeout
 loglevel = _config.log_level.lower()
 
@@ -53,6 +67,8 @@ def on_starting(server):
 
     for variable, value, _ in _config.describe():
         server.log.info("config %s=%s", variable, value)  # secrets are masked by describe()
+    for warning in _config.warnings():
+        server.log.warning("%s", warning)
     server.ranger_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     server.ranger_metrics_dir_is_ours = _metrics_dir_is_ours
     metrics.clear_directory(server.ranger_metrics_dir)

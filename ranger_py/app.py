@@ -19,6 +19,7 @@ from ranger_py.config import Config
 from ranger_py.errors import AuthError, HandshakeError
 from ranger_py.handshake import accept_key, check_origin, is_upgrade, switching_protocols
 from ranger_py.hub import Hub
+from ranger_py.logs import RateLimitedLog
 from ranger_py.protocol import streams_from_query
 
 __all__ = ["HANDED_OVER", "App", "create_app"]
@@ -43,16 +44,31 @@ class App:
         self.config = config
         self.hub = hub
         self.authenticator = authenticator
+        self._refusals = RateLimitedLog(log)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
             if is_upgrade(environ):
-                return self._upgrade(environ)
+                try:
+                    return self._upgrade(environ)
+                except HandshakeError as exc:
+                    # One line per refused upgrade, never the token; rate-limited, since anyone
+                    # on the internet can cause them.
+                    self._refusals.log(
+                        "refused upgrade %s from %s: %d %s",
+                        environ.get("PATH_INFO") or "/",
+                        environ.get("REMOTE_ADDR", "-"),
+                        exc.status,
+                        exc.reason,
+                    )
+                    raise
             return self._http(environ, start_response)
         except HandshakeError as exc:
             headers = [("Content-Type", "application/json")]
             if exc.status == 426:
                 headers.append(("Sec-WebSocket-Version", "13"))
+            elif exc.status == 405:
+                headers.append(("Allow", "GET"))  # RFC 9110 §15.5.6
             start_response(_status(exc.status), headers)
             return [exc.body]
 
@@ -68,6 +84,8 @@ class App:
         if path == "/healthz":
             return self._json(start_response, 200, {"status": "ok"})
         if path == "/readyz":
+            # Ready means this worker would take a websocket now: consuming, not stopping, not
+            # full (a load balancer must stop sending clients to a worker that answers 503).
             if self.hub.ready:
                 return self._json(start_response, 200, {"status": "ready"})
             return self._json(

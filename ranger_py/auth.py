@@ -1,28 +1,23 @@
 """Bearer-token authentication: an ``Authorization`` header value in, an :class:`Auth` out.
 
-This module owns everything about JWTs (PROTOCOL §3): decoding ``JWT_PUBLIC_KEY``, choosing the
-one algorithm that key may verify, and checking a token's signature, ``exp``/``nbf``/``iat`` (each
-with its own leeway), ``iss`` and ``aud``. It is the only importer of ``jwt`` (PyJWT). Pure apart
+This module owns the checks of a token (PROTOCOL §3): its signature with the key and algorithm that
+:mod:`ranger_py.keys` read from ``JWT_PUBLIC_KEY``, ``exp``/``nbf``/``iat`` (each with its own
+leeway), ``iss`` and ``aud``. It is the only importer of ``jwt`` (PyJWT). Pure apart
 from reading the clock: no I/O, no logging, so a token never reaches a log line from here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ranger_py.errors import AuthError, ConfigError
+from ranger_py.keys import VerifyKey, load_verify_key
 
 __all__ = ["ANONYMOUS", "Auth", "AuthSettings", "Authenticator"]
 
@@ -36,9 +31,6 @@ class Auth:
 
 
 ANONYMOUS: Auth = Auth()
-
-# The key types a token can be verified with; anything else in JWT_PUBLIC_KEY is a ConfigError.
-_VerifyKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 
 class AuthSettings(Protocol):
@@ -61,20 +53,6 @@ class AuthSettings(Protocol):
     @property
     def jwt_not_before_leeway(self) -> float | None: ...
 
-
-_PUBLIC_KEY = "JWT_PUBLIC_KEY"
-_ALGORITHM = "JWT_ALGORITHM"
-
-# Every algorithm JWT_ALGORITHM may name. "none" and HS* are absent on purpose: with a public key
-# as the HMAC secret, anyone could sign (the classic algorithm-confusion attack).
-_SUPPORTED = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA")
-
-# An EC key verifies exactly one ES* algorithm: the one built on its curve (RFC 7518 §3.4).
-_EC_ALGORITHM = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
-_WHITESPACE = re.compile(r"\s+")
-_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 _BEARER = "Bearer "
 _NOT_CONFIGURED = "authentication is not configured"
@@ -123,17 +101,12 @@ class Authenticator:
         Raises:
             ConfigError: naming ``JWT_PUBLIC_KEY``, ``JWT_ALGORITHM`` or a ``JWT_*_LEEWAY``.
         """
-        algorithm = algorithm or None  # "" is unset, as every empty variable (Rango's getEnv)
-        if algorithm is not None and algorithm not in _SUPPORTED:
-            raise ConfigError(
-                _ALGORITHM,
-                f"unsupported algorithm {algorithm!r}; use one of {', '.join(_SUPPORTED)}",
-            )
-        self._key: _VerifyKey | None = None
+        self._key: VerifyKey | None = None
         self._algorithms: list[str] = []
-        if public_key:
-            self._key = _load_public_key(public_key)
-            self._algorithms = [_pick_algorithm(self._key, algorithm)]
+        loaded = load_verify_key(public_key, algorithm)
+        if loaded is not None:
+            self._key, algorithm = loaded
+            self._algorithms = [algorithm]
 
         default = _leeway("JWT_DEFAULT_LEEWAY", default_leeway)
         self._iat_leeway = _leeway("JWT_ISSUED_AT_LEEWAY", issued_at_leeway, default)
@@ -274,67 +247,3 @@ def _leeway(variable: str, value: float | None, default: float = 0) -> float:
     if value < 0 or not math.isfinite(value):
         raise ConfigError(variable, "must be a number of seconds >= 0")
     return float(value)
-
-
-def _load_public_key(text: str) -> _VerifyKey:
-    """Decode ``JWT_PUBLIC_KEY``: base64 (either alphabet, padding optional) of a PEM public key."""
-    compact = _WHITESPACE.sub("", text)  # `base64` wraps at 76 columns; env files add newlines
-    if compact.startswith("-----BEGIN"):
-        raise ConfigError(_PUBLIC_KEY, "must be the base64 of the PEM, not the PEM itself")
-    standard = compact.rstrip("=").translate(_URLSAFE_TO_STANDARD)
-    try:
-        pem = base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(_PUBLIC_KEY, "is not valid base64") from None
-    block = _PEM_BLOCK.search(pem)
-    if block is None:
-        raise ConfigError(_PUBLIC_KEY, "is base64 but does not decode to a PEM block")
-    label = block.group(1).decode()
-    if "PRIVATE KEY" in label:
-        raise ConfigError(_PUBLIC_KEY, f"holds a {label}; it must be the public key")
-
-    # Rango's own form (openware/pkg SavePublicKey): a "PUBLIC KEY" block whose body is the raw
-    # 32-byte Ed25519 key rather than SPKI DER (which is never 32 bytes long).
-    if label == "PUBLIC KEY":
-        try:
-            der = base64.b64decode(_WHITESPACE.sub("", block.group(2).decode()), validate=True)
-        except (binascii.Error, ValueError):
-            der = b""
-        if len(der) == 32:
-            try:
-                return ed25519.Ed25519PublicKey.from_public_bytes(der)
-            except ValueError:
-                raise ConfigError(_PUBLIC_KEY, "is not a valid raw Ed25519 public key") from None
-
-    try:
-        # Handles SPKI "PUBLIC KEY" (RSA, EC, Ed25519, ...) and PKCS#1 "RSA PUBLIC KEY".
-        key = serialization.load_pem_public_key(block.group(0))
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError(_PUBLIC_KEY, f"its {label} block is not a readable public key") from None
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise ConfigError(
-            _PUBLIC_KEY, f"{type(key).__name__} is not supported (use an RSA, EC or Ed25519 key)"
-        )
-    return key
-
-
-def _pick_algorithm(key: _VerifyKey, configured: str | None) -> str:
-    """The algorithm tokens must use: JWT_ALGORITHM if it fits the key, else the key's own."""
-    fitting: tuple[str, ...]
-    if isinstance(key, rsa.RSAPublicKey):
-        kind, fitting = "RSA", ("RS256", "RS384", "RS512")
-    elif isinstance(key, ed25519.Ed25519PublicKey):
-        kind, fitting = "Ed25519", ("EdDSA",)
-    else:
-        kind = f"EC {key.curve.name}"
-        if key.curve.name not in _EC_ALGORITHM:
-            raise ConfigError(_PUBLIC_KEY, f"{kind} keys are not supported (use P-256/384/521)")
-        fitting = (_EC_ALGORITHM[key.curve.name],)
-    if configured is None:
-        return fitting[0]
-    if configured not in fitting:
-        raise ConfigError(
-            _ALGORITHM,
-            f"{configured} does not fit the {kind} key in {_PUBLIC_KEY}: use {fitting[0]}",
-        )
-    return configured

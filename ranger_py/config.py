@@ -18,6 +18,7 @@ error and exit status 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from urllib.parse import quote, urlsplit
 from ranger_py.errors import ConfigError
 
 __all__ = [
+    "ANY_ORIGIN",
     "Config",
     "Parser",
     "Setting",
@@ -64,6 +66,18 @@ LOG_LEVELS = {
 
 def _hide(text: str) -> str:
     return MASK
+
+
+def _fingerprint(text: str) -> str:
+    """Say that a key is set and which one, without a single character of it.
+
+    A private key pasted by mistake must not end up in the log; the hash lets two deployments'
+    settings be compared.
+    """
+    if text == "unset":
+        return text
+    digest = hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+    return f"{MASK} ({len(text)} characters, sha256 {digest})"
 
 
 def _quoted(raw: str) -> str:
@@ -145,6 +159,10 @@ class _Seconds(Parser):
         return value
 
 
+class _Rate(_Seconds):
+    accepts = "a number > 0"
+
+
 class _Choice(Parser):
     """One of a fixed set of words, matched case-insensitively, stored as ``choices`` maps it."""
 
@@ -206,25 +224,41 @@ _ORIGIN_HOST = re.compile(
 )
 
 
+ANY_ORIGIN = "*"
+
+
 class _CorsOrigins(Parser):
-    accepts = "a comma-separated list of hosts or http(s)://host[:port] origins"
+    accepts = "a comma-separated list of hosts or http(s)://host[:port] origins, or *"
 
     def __call__(self, variable: str, raw: str) -> tuple[str, ...]:
         # Rango's checkSameOrigin: split on ",", trim, keep the host of http(s) entries and other
-        # entries verbatim (an empty entry matches "Origin: null"); all compared lowercased.
-        # Rango panics on a bad URL; we stop with a ConfigError (PROTOCOL §1). Unlike Rango, the
-        # scheme is matched in any case, so "HTTPS://host" is parsed too.
-        return tuple(self._entry(variable, part.strip()) for part in raw.split(","))
+        # entries as hosts; all compared lowercased. Where we differ (PROTOCOL §1): an empty entry
+        # is ignored (Rango matched it against "Origin: null", so a trailing comma let any sandboxed
+        # page in), "*" allows every origin, another scheme or a malformed entry stops startup
+        # (Rango panics on some and silently never matches others). The scheme may be any case.
+        entries = []
+        for part in raw.split(","):
+            entry = part.strip()
+            if entry == ANY_ORIGIN:
+                entries.append(ANY_ORIGIN)
+            elif entry:
+                entries.append(self._entry(variable, entry))
+        if not entries:
+            raise ConfigError(variable, f"{_quoted(raw)} lists no origin")
+        return tuple(dict.fromkeys(entries))
 
     def _entry(self, variable: str, entry: str) -> str:
         lowered = entry.lower()
-        if not lowered.startswith(("http://", "https://")):
-            return lowered
-        try:
-            netloc = urlsplit(lowered).netloc
-        except ValueError:
-            netloc = ""
-        host = netloc.rpartition("@")[2]
+        scheme, sep, _ = lowered.partition("://")
+        if sep and scheme not in ("http", "https"):
+            problem = f"{_quoted(entry)}: only http and https origins can be allowed"
+            raise ConfigError(variable, problem)
+        host = lowered
+        if sep:
+            try:
+                host = urlsplit(lowered).netloc.rpartition("@")[2]
+            except ValueError:
+                host = ""
         if not _ORIGIN_HOST.fullmatch(host):
             problem = (
                 f"{_quoted(entry)} is not an origin: use host, host:port or http(s)://host[:port]"
@@ -343,7 +377,11 @@ class Config:
         "RANGER_EXCHANGE", "peatio.events.ranger", _Text(), "topic exchange Peatio publishes to"
     )
     jwt_public_key: str | None = _setting(
-        "JWT_PUBLIC_KEY", None, _ANY, "base64 of the PEM public key checking tokens"
+        "JWT_PUBLIC_KEY",
+        None,
+        _ANY,
+        "base64 of the PEM public key checking tokens (never shown: a fingerprint is)",
+        mask=_fingerprint,
     )
     jwt_algorithm: str | None = _setting(
         "JWT_ALGORITHM",
@@ -371,7 +409,7 @@ class Config:
         "API_CORS_ORIGINS",
         None,
         _CorsOrigins(),
-        "allowed Origin hosts; unset: the Origin host must equal the Host header",
+        "allowed Origin hosts, * for any; unset: the Origin host must equal the Host header",
     )
     rbac: Mapping[str, frozenset[str]] = _setting(
         "RANGO_RBAC_",
@@ -407,6 +445,23 @@ class Config:
     send_queue_size: int = _setting(
         "RANGER_SEND_QUEUE_SIZE", 256, _COUNT, "frames queued per client; past it, close 1008"
     )
+    send_queue_bytes: int = _setting(
+        "RANGER_SEND_QUEUE_BYTES",
+        4 * 1024 * 1024,
+        _Integer(65536),
+        "bytes queued per client (broadcasts, replies, pongs, order-book replays); past it,"
+        " close 1008",
+    )
+    client_rate: float = _setting(
+        "RANGER_CLIENT_RATE",
+        10.0,
+        _Rate(),
+        "frames per second a client may send on average (messages, pings); past the burst,"
+        " close 1008",
+    )
+    client_burst: int = _setting(
+        "RANGER_CLIENT_BURST", 100, _COUNT, "frames a client may send at once above its rate"
+    )
     send_buffer: int = _setting(
         "RANGER_SEND_BUFFER",
         262144,
@@ -437,6 +492,25 @@ class Config:
     )
     max_connections: int = _setting(
         "RANGER_MAX_CONNECTIONS", 10000, _COUNT, "websockets per worker; past it, HTTP 503"
+    )
+    max_handshakes: int = _setting(
+        "RANGER_MAX_HANDSHAKES",
+        10000,
+        _COUNT,
+        "handshakes in progress per worker (gunicorn's worker_connections); more wait to be"
+        " accepted",
+    )
+    handshake_timeout: int = _setting(
+        "RANGER_HANDSHAKE_TIMEOUT",
+        5,
+        _Integer(1, 300),
+        "seconds a client has to send its whole upgrade request; then the socket is closed",
+    )
+    broker_heartbeat: int = _setting(
+        "RANGER_BROKER_HEARTBEAT",
+        4,
+        _Integer(3, 600),
+        "AMQP heartbeat in seconds; a broker connection silent for twice this is replaced",
     )
     queue_max_length: int = _setting(
         "RANGER_QUEUE_MAX_LENGTH", 100000, _COUNT, "x-max-length of each worker's broker queue"
@@ -499,6 +573,16 @@ class Config:
             else:
                 rows.append((setting.name, setting.show(value), setting.doc))
         return rows
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but risky, for the startup log."""
+        found = []
+        if self.cors_origins is not None and ANY_ORIGIN in self.cors_origins:
+            found.append(
+                "API_CORS_ORIGINS=*: web pages of every origin may open websockets here;"
+                " list the exchange's own origins instead"
+            )
+        return found
 
 
 def settings() -> list[tuple[str, Setting]]:
@@ -569,12 +653,19 @@ def _format(config: Config) -> str:
 
 def main(environ: Mapping[str, str] | None = None) -> int:
     """Print the effective configuration; return the exit status (2 on a ConfigError)."""
+    # Checked as startup checks it: the key is read too. Imported here, in the entry point only,
+    # so that importing the configuration does not import cryptography.
+    from ranger_py.keys import load_verify_key  # noqa: PLC0415
+
     try:
         config = Config.from_env(os.environ if environ is None else environ)
+        load_verify_key(config.jwt_public_key, config.jwt_algorithm)
     except ConfigError as exc:
         print(f"ranger-py: invalid configuration: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(_format(config))
+    for warning in config.warnings():
+        print(f"ranger-py: warning: {warning}", file=sys.stderr)
     return 0
 
 

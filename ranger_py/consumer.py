@@ -64,6 +64,9 @@ class BrokerSettings(Protocol):
     @property
     def queue_max_length(self) -> int: ...
 
+    @property
+    def broker_heartbeat(self) -> int: ...
+
 
 class _StopRequestedError(Exception):
     """Raised inside kombu's connection retry loop to abandon it once stop() was called."""
@@ -126,6 +129,7 @@ class Consumer(ConsumerMixin):
             config.exchange,
             on_message,
             queue_max_length=config.queue_max_length,
+            heartbeat=config.broker_heartbeat,
         )
 
     @property

@@ -7,7 +7,8 @@
     ├── AuthError            a token was refused (401 on /private, anonymous elsewhere)
     ├── HandshakeError       plain HTTP answer before the upgrade (status + JSON reason)
     ├── ClientError          bad client message: JSON error reply, connection stays open
-    │   ├── UnparsableMessage, InvalidEvent, NoStreams, StreamsNotStrings, TooManyStreams
+    │   ├── UnparsableMessage, InvalidEvent, NoStreams, StreamsNotStrings, TooManyStreams,
+    │   └── InvalidStreamName
     └── CloseConnection      the websocket is closed with ``code`` and ``reason``
 
 Client faults and our own bugs are kept apart: anything that is not a ``RangerError`` is a bug,
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "HandshakeError",
     "InvalidEvent",
+    "InvalidStreamName",
     "NoStreams",
     "RangerError",
     "StreamsNotStrings",
@@ -116,6 +118,12 @@ class StreamsNotStrings(ClientError):
 
 class TooManyStreams(ClientError):
     message = "Too many streams"
+
+
+class InvalidStreamName(ClientError):
+    """A stream name nothing can ever be published to (see ``protocol.valid_stream_name``)."""
+
+    message = "Invalid stream name"
 
 
 class CloseConnection(RangerError):

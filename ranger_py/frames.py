@@ -105,13 +105,14 @@ class FrameReader:
     Raises ``CloseConnection`` with the RFC's code on any violation; the caller closes with it.
     """
 
-    __slots__ = ("_max_size", "_parts", "_protocol", "_size")
+    __slots__ = ("_failed", "_max_size", "_parts", "_protocol", "_size")
 
     def __init__(self, max_size: int) -> None:
         self._protocol = FrameProtocol(client=False, extensions=[])
         self._max_size = max_size
         self._parts: list[str | bytes] = []
         self._size = 0
+        self._failed = False
 
     @property
     def idle(self) -> bool:
@@ -120,11 +121,19 @@ class FrameReader:
         Reads wsproto's decoder state (pinned 1.3.2; ``test_frames`` checks this) so that an idle
         connection keeps no parser at all: ~1 KB each, the largest part of its footprint.
         """
+        if self._failed:
+            return False  # kept, so that what follows the violation is never parsed again
         decoder = self._protocol._frame_decoder
         return not self._parts and decoder.header is None and not len(decoder.buffer)
 
     def feed(self, data: bytes) -> Iterator[Event]:
-        """Yield the events ``data`` completes, lazily: those before a violation still count."""
+        """Yield the events ``data`` completes, lazily: those before a violation still count.
+
+        After a violation the stream has no frame boundaries any more: every later byte is
+        dropped unread. (wsproto's parser stops at the failure but would keep buffering.)
+        """
+        if self._failed:
+            return
         self._protocol.receive_bytes(data)
         try:
             for frame in self._protocol.received_frames():
@@ -132,14 +141,27 @@ class FrameReader:
                 if event is not None:
                     yield event
         except ParseFailed as exc:
+            self._fail()
             raise CloseConnection(CloseCode(int(exc.code)), str(exc)[:100]) from exc
+        except CloseConnection:
+            self._fail()
+            raise
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._parts = []
+        self._protocol = FrameProtocol(client=False, extensions=[])  # lets the old buffer go
 
     def _event(self, opcode: Opcode, payload: object, finished: bool) -> Event | None:
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             assert isinstance(payload, (str, bytes))
             # Checked on every fragment, so an oversized message is refused before it is buffered
-            # whole (wsproto streams partial frames; text is counted in code points, close enough).
-            self._size += len(payload)
+            # whole (wsproto streams partial frames). The limit is in bytes: text is counted as
+            # the UTF-8 it arrived as, which is its length when it is ASCII.
+            if type(payload) is str and not payload.isascii():
+                self._size += len(payload.encode())
+            else:
+                self._size += len(payload)
             if self._size > self._max_size:
                 raise CloseConnection(CloseCode.MESSAGE_TOO_BIG, "message too big")
             self._parts.append(payload)

@@ -50,7 +50,10 @@ def accept_key(environ: Mapping[str, object]) -> bytes:
 
 
 def check_origin(allowed: tuple[str, ...] | None, origin: str | None, host: str) -> None:
-    """Rango's origin rule: no ``Origin`` passes; else its host must be ``Host`` or listed."""
+    """Rango's origin rule: no ``Origin`` passes; else its host must be ``Host`` or listed.
+
+    ``allowed`` is ``API_CORS_ORIGINS`` as the configuration parsed it (hosts, or ``"*"``).
+    """
     if origin is None:
         return
     try:
@@ -60,7 +63,9 @@ def check_origin(allowed: tuple[str, ...] | None, origin: str | None, host: str)
     if allowed is None:
         ok = bool(origin_host) and origin_host == host.lower()
     else:
-        ok = origin_host in allowed
+        # "*" is ANY_ORIGIN of the configuration; "" is never listed, so "Origin: null" (no
+        # host) only passes with "*".
+        ok = "*" in allowed or (bool(origin_host) and origin_host in allowed)
     if not ok:
         raise HandshakeError(403, "Origin not allowed")
 

@@ -63,6 +63,10 @@ class Hub:
         self.connections: set[WebSocket] = set()
         self.dirty: list[WebSocket] = []
         self.max_message_size = config.max_message_size
+        self.max_queue_bytes = config.send_queue_bytes
+        self.message_interval = 1.0 / config.client_rate
+        # Half a frame of slack, so float rounding never refuses the last frame of a burst.
+        self.message_window = (config.client_burst + 0.5) / config.client_rate
         self.consumer = Consumer.from_config(config, self.on_broker_message)
         self._flush_pending = False
         self._since_yield = 0
@@ -97,12 +101,15 @@ class Hub:
 
     @property
     def ready(self) -> bool:
-        return self.accepting and self.consumer.ready
+        """Whether this worker would accept a websocket now (``/readyz``)."""
+        return self.accepting and self.consumer.ready and not self.full
 
     @property
     def status(self) -> str:
         if not self.accepting:
             return "shutting down"
+        if self.full:
+            return "too many connections"
         return self.consumer.status
 
     @property

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["JsonFormatter", "logging_config"]
+__all__ = ["JsonFormatter", "RateLimitedLog", "logging_config"]
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
@@ -33,6 +34,52 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class RateLimitedLog:
+    """Log at most ``burst`` lines per ``period`` seconds; count the rest and say how many.
+
+    For lines an outsider can cause (refused handshakes): one per event is what an operator wants,
+    until an attack would turn it into a flood that fills disks and hides everything else.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.INFO,
+        burst: int = 20,
+        period: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._level = level
+        self._burst = burst
+        self._period = period
+        self._clock = clock
+        self._window_start = -period
+        self._logged = 0
+        self._suppressed = 0
+
+    def log(self, msg: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(self._level):
+            return
+        now = self._clock()
+        if now - self._window_start >= self._period:
+            if self._suppressed:
+                self._logger.log(
+                    self._level,
+                    "%d similar lines suppressed in the last %.0f s",
+                    self._suppressed,
+                    now - self._window_start,
+                )
+            self._window_start = now
+            self._logged = 0
+            self._suppressed = 0
+        if self._logged < self._burst:
+            self._logged += 1
+            self._logger.log(self._level, msg, *args)
+        else:
+            self._suppressed += 1
 
 
 def logging_config(level: str, fmt: str) -> dict[str, Any]:

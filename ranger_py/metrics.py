@@ -36,7 +36,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricsServer", "WorkerMetrics", "clear_directory", "mark_worker_dead"]
+__all__ = [
+    "MetricsServer",
+    "SafeLabels",
+    "WorkerMetrics",
+    "clear_directory",
+    "mark_worker_dead",
+    "safe_label",
+]
 
 # Fan-out time per message: from a few µs (one recipient) to tens of ms (thousands).
 FANOUT_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
@@ -44,6 +51,19 @@ FANOUT_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.00
 # under one label so a client cannot blow up the series count.
 MAX_TOPIC_LABELS = 1000
 OTHER_TOPIC = "_other"
+# A label value that is not printable UTF-8 text of a sane length is shown as this instead: the
+# text exposition must be able to encode every value, and a dashboard should show no junk.
+INVALID_LABEL = "_invalid"
+_MAX_LABEL_LENGTH = 255
+
+
+def safe_label(value: str) -> str:
+    """``value`` if it can go on a dashboard as it is, else ``INVALID_LABEL``."""
+    if len(value) <= _MAX_LABEL_LENGTH and value.isprintable():
+        return value  # printable excludes lone surrogates, so the value has a UTF-8 form
+    return INVALID_LABEL
+
+
 _GC_KEYS = ("collections", "collected", "uncollectable")
 
 
@@ -139,7 +159,9 @@ class WorkerMetrics:
         child = self._topics.get((kind, topic))
         if child is None:
             if len(self._topics) < MAX_TOPIC_LABELS:
-                child = self._topics[kind, topic] = self.subscriptions.labels(kind, topic)
+                child = self._topics[kind, topic] = self.subscriptions.labels(
+                    kind, safe_label(topic)
+                )
             else:
                 # The table never shrinks, so a stream counted here on +1 is counted here on -1.
                 child = self.subscriptions.labels(kind, OTHER_TOPIC)
@@ -245,6 +267,27 @@ class ProcessTreeCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=own[name])
 
 
+class SafeLabels(Collector):
+    """Passes another collector's metrics on with every label value made ``safe_label``.
+
+    Workers already label with safe values; this is the second line: a value that reached a
+    worker's file anyway (an older version, a bug) must not make every scrape fail with a
+    UnicodeEncodeError, as one lone surrogate does in the text exposition.
+    """
+
+    def __init__(self, inner: Collector) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            for i, sample in enumerate(metric.samples):
+                labels = sample.labels
+                if any(safe_label(value) is not value for value in labels.values()):
+                    safe = {key: safe_label(value) for key, value in labels.items()}
+                    metric.samples[i] = sample._replace(labels=safe)
+            yield metric
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -259,7 +302,9 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, worker_pids: Callable[[], Iterable[int]]) -> None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(
+            SafeLabels(multiprocess.MultiProcessCollector(None))  # type: ignore[no-untyped-call]
+        )
         registry.register(ProcessTreeCollector(worker_pids))
         PlatformCollector(registry=registry)  # python_info, in place of Go's go_info
         self._in_flight = Gauge(

@@ -31,6 +31,7 @@ __all__ = [
     "streams_from_query",
     "subscribed_reply",
     "unsubscribed_reply",
+    "valid_stream_name",
 ]
 
 PONG: bytes = b"pong"
@@ -58,6 +59,34 @@ def stream_kind(name: str) -> StreamKind:
     if dots == 2:
         return StreamKind.PREFIXED
     return StreamKind.PUBLIC
+
+
+# An AMQP routing key is a short string: at most 255 bytes. A longer name could never be delivered.
+MAX_STREAM_NAME_BYTES = 255
+
+
+def valid_stream_name(name: str) -> bool:
+    """Whether a client may hold ``name``: text some routing key could deliver to.
+
+    A routing key is at most 255 bytes of UTF-8, so a longer name, or one with no UTF-8 form at
+    all (a lone surrogate, which JSON input can spell as ``"\\ud800"``), can never receive
+    anything; it would only be held in memory and listed in replies for nothing. Which names may
+    appear on a dashboard is the metrics' own, stricter, rule.
+    """
+    if len(name) <= MAX_STREAM_NAME_BYTES // 4:
+        return name.isprintable() or _encodable(name)  # short: the common case, no encoding
+    try:
+        return len(name.encode()) <= MAX_STREAM_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,13 +32,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ranger_py.errors import TooManyStreams
+from ranger_py.errors import InvalidStreamName, TooManyStreams
 from ranger_py.protocol import (
     StreamKind,
     cannot_subscribe_reply,
     stream_kind,
     subscribed_reply,
     unsubscribed_reply,
+    valid_stream_name,
 )
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ class Router:
         anonymous client are skipped silently (§4).
 
         Raises:
+            InvalidStreamName: a name fails ``valid_stream_name``; nothing changed.
             TooManyStreams: the result would exceed ``max_streams``; nothing changed.
         """
         held = self._clients.get(client)
@@ -172,6 +174,8 @@ class Router:
         for name in dict.fromkeys(streams):
             if not name or (held is not None and name in held):
                 continue
+            if not valid_stream_name(name):
+                raise InvalidStreamName()
             kind = stream_kind(name)
             if kind is _PRIVATE:
                 if not auth.uid:

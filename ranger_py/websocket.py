@@ -4,8 +4,15 @@ There is no greenlet per connection (a parked greenlet costs ~8 KB, ``reference/
 a libev io watcher calls ``_on_readable`` in gevent's hub when bytes arrive, and frames are
 written straight from the fan-out into a per-connection list that the owner flushes once per
 loop turn, all pending frames joined into one ``send``. A socket that cannot take everything
-gets a write watcher; until it drains, frames queue up to ``queue_limit`` and then the client is
-closed with 1008 so it can never hold back the others (PROTOCOL §2).
+gets a write watcher; until it drains, frames queue up to ``queue_limit`` frames or the owner's
+``max_queue_bytes`` bytes, and then the client is closed with 1008 so it can never hold back the
+others (PROTOCOL §2). The bound counts every byte queued for the client, whatever produced it:
+broadcast frames, replies, pongs, pings. A client that makes the server write faster than it reads
+(pings or subscribes sent without reading the answers) is a slow client like any other.
+
+What a client can make the server do is bounded too: every frame it sends spends from a
+per-connection budget of ``message_rate`` frames a second with bursts of ``message_burst``
+(a GCRA, one float per connection); past it the client is closed with 1008.
 
 Every method here runs in gevent's hub or in a greenlet that never switches while it runs them,
 so the state needs no locks; nothing here may block.
@@ -54,6 +61,9 @@ class Owner(Protocol):
     dirty: list[WebSocket]  # sockets with frames to flush this loop turn
     loop: Any  # gevent's event loop, for io watchers
     max_message_size: int  # inbound limit per message (close 1009 past it)
+    max_queue_bytes: int  # outbound bytes queued per client (close 1008 past it)
+    message_interval: float  # seconds of budget one inbound frame costs (1 / rate)
+    message_window: float  # the burst: seconds of budget a client may run ahead
 
     def request_flush(self) -> None: ...
 
@@ -73,8 +83,10 @@ class WebSocket:
         "_owner",
         "_partial",
         "_peer_closed",
+        "_queued",
         "_read_watcher",
         "_reader",
+        "_tat",
         "_write_watcher",
         "close_note",
         "id",
@@ -102,6 +114,10 @@ class WebSocket:
         self._reader: FrameReader | None = None
         self._out: list[bytes] = []
         self._limit = queue_limit
+        self._queued = 0  # bytes in _out, the unsent tail of a partial frame included
+        # GCRA's theoretical arrival time of the next inbound frame: the client is within its
+        # rate while this stays less than message_window ahead of the clock.
+        self._tat = 0.0
         # True while _out[0] is the unsent tail of a frame that has partly gone out.
         self._partial = False
         self._peer_closed = False
@@ -128,25 +144,42 @@ class WebSocket:
         if not data:
             self.abort("peer closed" if self._peer_closed else "connection lost")
             return
-        self.last_seen = time.monotonic()
+        now = self.last_seen = time.monotonic()
+        owner = self._owner
         reader = self._reader
         if reader is None:
-            reader = self._reader = FrameReader(self._owner.max_message_size)
+            reader = self._reader = FrameReader(owner.max_message_size)
         try:
             for event in reader.feed(data):
                 if self.state is State.CLOSED:
                     return
-                if type(event) is Message:
-                    if self.state is State.OPEN:
-                        self.on_message(event.data)
-                elif type(event) is Ping:
-                    self._queue_control(encode_pong(event.payload))
-                elif type(event) is Close:
+                if type(event) is Close:
                     self._on_close_frame(event)
+                    continue
+                if self.state is not State.OPEN:
+                    continue  # closing: only the peer's close frame matters now
+                # Every other frame spends from the client's budget (a ping costs a pong, a
+                # message a parse and a reply); a client past it is closed, not slowed down.
+                tat = max(self._tat, now) + owner.message_interval
+                if tat - now > owner.message_window:
+                    # What was answered before still goes out, within the byte bound. The
+                    # parser is kept: frames that follow are read (and ignored) until the peer's
+                    # close frame, never buffered.
+                    self.close(CloseCode.POLICY_VIOLATION, "too many messages")
+                    continue
+                self._tat = tat
+                if type(event) is Message:
+                    self.on_message(event.data)
+                elif type(event) is Ping:
+                    self.queue(encode_pong(event.payload))
+                    owner.request_flush()
                 # A Pong only proves the peer is alive: last_seen is already updated.
             if reader.idle:
                 self._reader = None
         except CloseConnection as exc:
+            # RFC 6455 §7.1.7: after failing the connection there is no close frame to wait
+            # for; TCP is dropped as soon as ours is out.
+            self._peer_closed = True
             self.close(exc.code, exc.reason)
         except Exception:
             log.exception("connection %s: unexpected error", self.id)
@@ -164,10 +197,16 @@ class WebSocket:
     # -- outbound ----------------------------------------------------------------------------
 
     def queue(self, frame: bytes) -> None:
-        """Hot path: add bytes to write (one encoded frame); the owner flushes once per turn."""
+        """Hot path: add bytes to write (one encoded frame); the owner flushes once per turn.
+
+        Every outbound byte comes through here (the close frame excepted), so the bound holds
+        whatever produced it.
+        """
         out = self._out
         n = len(out)
-        if n >= self._limit:  # _limit is 0 once closing, so nothing follows the close frame
+        queued = self._queued + len(frame)
+        # _limit is 0 once closing, so nothing follows the close frame.
+        if n >= self._limit or queued > self._owner.max_queue_bytes:
             if self.state is State.OPEN:
                 self.close(CloseCode.POLICY_VIOLATION, "slow client", drop_pending=True)
                 self._owner.slow(self)
@@ -175,6 +214,7 @@ class WebSocket:
         if not n:
             self._owner.dirty.append(self)
         out.append(frame)
+        self._queued = queued
 
     def send(self, payload: bytes) -> None:
         """Queue one text message built for this client only, and get it flushed soon."""
@@ -186,15 +226,6 @@ class WebSocket:
         if payloads:
             self.queue(b"".join(encode_text(p) for p in payloads))
             self._owner.request_flush()
-
-    def _queue_control(self, frame: bytes) -> None:
-        # Control frames (pong, ping) bypass the slow-client bound but not the closing rule.
-        if self.state is not State.OPEN:
-            return
-        if not self._out:
-            self._owner.dirty.append(self)
-        self._out.append(frame)
-        self._owner.request_flush()
 
     def flush(self) -> None:
         """Write whatever is pending in one ``send``; park the rest behind a write watcher.
@@ -215,6 +246,7 @@ class WebSocket:
             return
         if sent == len(data):
             out.clear()
+            self._queued = 0
             if self._blocked_since or self._limit == 0:  # a stall is over, or we are closing
                 self._drained()
             return
@@ -235,6 +267,7 @@ class WebSocket:
         # Drop the frames that went out whole; keep the tail of the one cut short. The queue
         # still counts frames, so the slow-client bound means the same thing after a short write.
         out = self._out
+        self._queued -= sent
         i = 0
         while sent >= len(out[i]):
             sent -= len(out[i])
@@ -260,13 +293,16 @@ class WebSocket:
         self.state = State.CLOSING
         self.close_note = f"{int(code)} {reason}".rstrip()
         self._limit = 0
+        out = self._out
         if drop_pending:
             # A slow client is not owed its backlog; a frame already half-sent must be completed,
             # or the close frame would land in the middle of it.
-            del self._out[1 if self._partial else 0 :]
-        if not self._out:
+            del out[1 if self._partial else 0 :]
+        if not out:
             self._owner.dirty.append(self)
-        self._out.append(encode_close(code, reason))
+        # The close frame is the one write past the bound: at most 125 bytes, once.
+        out.append(encode_close(code, reason))
+        self._queued = sum(map(len, out))
         self._close_deadline = time.monotonic() + _CLOSE_TIMEOUT
         self._owner.request_flush()
 
@@ -295,6 +331,7 @@ class WebSocket:
                 watcher.close()
         self._write_watcher = None
         self._out.clear()
+        self._queued = 0
         with contextlib.suppress(OSError):
             self.sock.close()
         self._owner.closed(self, reason)
@@ -316,4 +353,5 @@ class WebSocket:
             self.close(CloseCode.GOING_AWAY, "ping timeout")
         elif now - self.last_ping >= ping_interval:
             self.last_ping = now
-            self._queue_control(PING)
+            self.queue(PING)
+            self._owner.request_flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import subprocess
 import sys
@@ -42,6 +43,9 @@ DEFAULTS: dict[str, object] = {
     "metrics_port": 4242,
     "max_message_size": 4096,
     "send_queue_size": 256,
+    "send_queue_bytes": 4194304,
+    "client_rate": 10.0,
+    "client_burst": 100,
     "send_buffer": 262144,
     "ping_interval": 54.0,
     "pong_timeout": 60.0,
@@ -49,6 +53,9 @@ DEFAULTS: dict[str, object] = {
     "max_streams": 100,
     "orderbook_max_increments": 10000,
     "max_connections": 10000,
+    "max_handshakes": 10000,
+    "handshake_timeout": 5,
+    "broker_heartbeat": 4,
     "queue_max_length": 100000,
     "echo_path": None,
 }
@@ -181,6 +188,17 @@ REJECTED = [
     ("API_CORS_ORIGINS", "https://ex ample.org", '"https://ex ample.org" is not an origin'),
     ("API_CORS_ORIGINS", "https://ex:ample.org", '"https://ex:ample.org" is not an origin'),
     ("API_CORS_ORIGINS", "example.org,https://", '"https://" is not an origin'),
+    ("API_CORS_ORIGINS", "ftp://x", '"ftp://x": only http and https origins can be allowed'),
+    ("API_CORS_ORIGINS", "ws://x.org", "only http and https origins"),
+    ("API_CORS_ORIGINS", "example.org/app", '"example.org/app" is not an origin'),
+    ("API_CORS_ORIGINS", " , ,", "lists no origin"),
+    ("RANGER_SEND_QUEUE_BYTES", "1000", "an integer >= 65536"),
+    ("RANGER_CLIENT_RATE", "0", '"0" is not a number > 0'),
+    ("RANGER_CLIENT_RATE", "nan", "is not a number > 0"),
+    ("RANGER_CLIENT_BURST", "0", "an integer >= 1"),
+    ("RANGER_MAX_HANDSHAKES", "0", "an integer >= 1"),
+    ("RANGER_HANDSHAKE_TIMEOUT", "0.5", "an integer between 1 and 300"),
+    ("RANGER_BROKER_HEARTBEAT", "2", "an integer between 3 and 600"),
     ("LOG_LEVEL", "verbose", '"verbose" is not one of trace, debug, info, warn, warning'),
     ("LOG_FORMAT", "yaml", '"yaml" is not one of text or json'),
     ("RANGER_GRACEFUL_TIMEOUT", "0", "is not an integer >= 1"),
@@ -330,14 +348,21 @@ def test_cors_origins_keep_port_drop_userinfo_and_path() -> None:
     )
 
 
-def test_cors_origins_keep_other_entries_verbatim_lowercased() -> None:
-    # As in Rango, an empty entry stays (it is what "Origin: null" matches).
-    raw = "Example.ORG:8080,null,"
-    assert Config.from_env({"API_CORS_ORIGINS": raw}).cors_origins == (
-        "example.org:8080",
-        "null",
-        "",
-    )
+def test_cors_origins_ignore_empty_entries() -> None:
+    # Rango kept an empty entry, which "Origin: null" (a sandboxed page) matched: a trailing
+    # comma let every such page in. Empty entries are ignored; hosts stay, lowercased.
+    raw = "Example.ORG:8080,null,, "
+    assert Config.from_env({"API_CORS_ORIGINS": raw}).cors_origins == ("example.org:8080", "null")
+
+
+def test_cors_origins_star_means_any_and_warns() -> None:
+    config = Config.from_env({"API_CORS_ORIGINS": "*"})
+    assert config.cors_origins == ("*",)
+    assert config.warnings() == [
+        "API_CORS_ORIGINS=*: web pages of every origin may open websockets here;"
+        " list the exchange's own origins instead"
+    ]
+    assert Config.from_env({"API_CORS_ORIGINS": "example.org"}).warnings() == []
 
 
 # RANGO_RBAC_<PREFIX> (Rango's TestRango_envToMatrix)
@@ -449,6 +474,16 @@ def test_describe_masks_the_url_password() -> None:
     assert "hunter2" not in repr(config.describe())
 
 
+def test_describe_never_shows_the_key_even_a_private_one() -> None:
+    pasted = "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JSUV2Z0lCQURBTkJna3Foa2lHOXcwQkFRRUZBQVND"
+    rows = described(Config.from_env({"JWT_PUBLIC_KEY": pasted}))
+    shown = rows["JWT_PUBLIC_KEY"]
+    assert shown.startswith(f"*** ({len(pasted)} characters, sha256 ")
+    assert pasted[:8] not in shown
+    again = described(Config.from_env({"JWT_PUBLIC_KEY": pasted}))["JWT_PUBLIC_KEY"]
+    assert again == shown  # the same key always shows the same fingerprint
+
+
 def test_describe_lists_every_setting_with_its_doc() -> None:
     rows = Config().describe()
     assert [variable for variable, _, _ in rows] == [setting.name for _, setting in settings()]
@@ -522,6 +557,19 @@ def test_module_printer_subprocess() -> None:
     assert "amqp://bob:***@rabbit:5672/vh" in result.stdout
     assert "hunter2" not in result.stdout
     assert "s3cr3t" not in result.stdout
+
+
+def test_printer_checks_the_key_as_startup_does(capsys: pytest.CaptureFixture[str]) -> None:
+    private_pem = base64.b64encode(b"-----BEGIN PRIVATE KEY-----\nAA\n-----END PRIVATE KEY-----\n")
+    assert main({"JWT_PUBLIC_KEY": private_pem.decode()}) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "ranger-py: invalid configuration: JWT_PUBLIC_KEY: holds a PRIVATE KEY;"
+        " it must be the public key\n"
+    )
+    assert main({"JWT_PUBLIC_KEY": "not base64!"}) == 2
+    assert "JWT_PUBLIC_KEY: is not valid base64" in capsys.readouterr().err
 
 
 def test_module_printer_subprocess_bad_value() -> None:

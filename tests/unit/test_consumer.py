@@ -66,6 +66,7 @@ def test_from_config_reads_the_broker_fields() -> None:
         amqp_url: str = "amqp://user:secret@broker.example:5673/vh"
         exchange: str = "my.exchange"
         queue_max_length: int = 42
+        broker_heartbeat: int = 7
 
     consumer = Consumer.from_config(Settings(), Recorder())
     assert consumer.exchange_name == "my.exchange"
@@ -73,7 +74,7 @@ def test_from_config_reads_the_broker_fields() -> None:
     assert consumer.connection.hostname == "broker.example"
     assert consumer.connection.port == 5673
     assert consumer.connection.virtual_host == "vh"
-    assert consumer.connection.heartbeat == 10
+    assert consumer.connection.heartbeat == 7
     assert (consumer.ready, consumer.status) == (False, "connecting")
 
 

@@ -139,3 +139,25 @@ def test_idle_tracks_partial_frames_and_fragmented_messages() -> None:
     assert not reader.idle  # message half received
     assert list(reader.feed(client_frame(0x0, b"y"))) == [Message("hey")]
     assert reader.idle
+
+
+def test_the_limit_counts_text_in_utf8_bytes() -> None:
+    reader = FrameReader(12)
+    euro = "€" * 4  # 12 bytes of UTF-8: at the limit
+    assert list(reader.feed(client_frame(0x1, euro.encode()))) == [Message(euro)]
+    with pytest.raises(CloseConnection) as info:
+        list(reader.feed(client_frame(0x1, ("€" * 5).encode())))  # 5 characters, 15 bytes
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest.mark.parametrize(
+    "violation", [client_frame(0x3, b"x"), client_frame(0x1, b"z" * 11)], ids=["opcode", "size"]
+)
+def test_after_a_violation_nothing_more_is_parsed_or_held(violation: bytes) -> None:
+    reader = FrameReader(10)
+    with pytest.raises(CloseConnection):
+        list(reader.feed(violation))
+    for _ in range(100):  # what a hostile peer sends after it: dropped, never buffered
+        assert list(reader.feed(client_frame(0x1, b"hello") + b"\x00" * 10000)) == []
+    assert len(reader._protocol._frame_decoder.buffer) == 0
+    assert not reader.idle  # kept, so a fresh parser never starts mid-stream

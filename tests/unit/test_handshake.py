@@ -89,3 +89,12 @@ def test_listed_origins(origin: str | None, ok: bool) -> None:
     else:
         with pytest.raises(HandshakeError):
             check_origin(allowed, origin, "whatever.org")
+
+
+def test_an_origin_with_no_host_passes_only_when_any_origin_is_allowed() -> None:
+    # "Origin: null" (sandboxed pages, file://) has no host; an empty list entry no longer
+    # matches it, as it did in Rango.
+    with pytest.raises(HandshakeError):
+        check_origin(("example.org",), "null", "gw.example.org")
+    check_origin(("*",), "null", "gw.example.org")
+    check_origin(("*",), "https://anything.example", "gw.example.org")

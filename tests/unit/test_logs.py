@@ -9,7 +9,7 @@ import logging.config
 
 import pytest
 
-from ranger_py.logs import JsonFormatter, logging_config
+from ranger_py.logs import JsonFormatter, RateLimitedLog, logging_config
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
@@ -44,3 +44,24 @@ def test_json_line_has_the_fields_and_the_traceback() -> None:
     assert first["time"].endswith("Z")
     assert isinstance(first["pid"], int)
     assert "ValueError: boom" in second["exception"]
+
+
+def test_rate_limited_log_says_how_many_lines_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    limited = RateLimitedLog(
+        logging.getLogger("ranger_py.test_limited"), burst=3, period=10, clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.INFO, logger="ranger_py.test_limited"):
+        for n in range(50):
+            limited.log("refused %d", n)
+        now[0] += 10
+        limited.log("refused %d", 50)
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused 0",
+        "refused 1",
+        "refused 2",
+        "47 similar lines suppressed in the last 10 s",
+        "refused 50",
+    ]

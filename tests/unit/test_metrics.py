@@ -9,13 +9,17 @@ import sys
 import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ranger_py.metrics import (
     FANOUT_BUCKETS,
+    INVALID_LABEL,
     MAX_TOPIC_LABELS,
     OTHER_TOPIC,
     ProcessTreeCollector,
+    SafeLabels,
     WorkerMetrics,
+    safe_label,
 )
 
 
@@ -137,3 +141,42 @@ def test_process_tree_sums_memory_over_master_and_workers() -> None:
         assert os.getpid() != child.pid
     finally:
         child.communicate(b"")
+
+
+HOSTILE_NAMES = ["\ud800.x", "a\nb.trades", "\x00.x", "z" * 256, "zero\u200bwidth.x"]
+
+
+def test_safe_label_keeps_dashboard_text_and_replaces_the_rest() -> None:
+    for name in ("eurusd.trades", "global.tickers", "admin.eurusd.sys", "ünï.cödé", "z" * 255):
+        assert safe_label(name) == name
+    for name in HOSTILE_NAMES:
+        assert safe_label(name) == INVALID_LABEL, repr(name)
+
+
+def test_a_hostile_stream_name_never_reaches_a_label() -> None:
+    m = WorkerMetrics()
+    for name in HOSTILE_NAMES:
+        m.subscription("public", name, 1)
+    text = exposition(m.subscriptions)  # would raise UnicodeEncodeError on a lone surrogate
+    invalid = f'rango_hub_subscriptions_count{{topic="{INVALID_LABEL}",type="public"}}'
+    assert sample(text, invalid) == 5
+    for name in HOSTILE_NAMES:
+        m.subscription("public", name, -1)
+    text = exposition(m.subscriptions)
+    assert sample(text, invalid) == 0
+
+
+class _Hostile:
+    """A collector that yields a label value the text exposition cannot encode."""
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily("g", "a gauge", labels=["topic"])
+        family.add_metric(["\ud800.x"], 1)
+        family.add_metric(["fine.x"], 2)
+        return [family]
+
+
+def test_the_exposition_survives_a_label_value_that_has_no_utf8_form() -> None:
+    text = exposition(SafeLabels(_Hostile()))  # type: ignore[arg-type]
+    assert sample(text, f'g{{topic="{INVALID_LABEL}"}}') == 1
+    assert sample(text, 'g{topic="fine.x"}') == 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ranger_py import errors
+from ranger_py import errors, protocol
 from ranger_py.protocol import (
     PONG,
     Request,
@@ -207,3 +207,10 @@ def test_replies_escape_odd_stream_names() -> None:
 
 def test_pong() -> None:
     assert PONG == b"pong"
+
+
+def test_valid_stream_names_are_text_that_fits_a_routing_key() -> None:
+    for name in ("order", "eurusd.trades", "admin.eurusd.sys", "ü" * 127, "a\nb", "é.\u2028"):
+        assert protocol.valid_stream_name(name), name
+    for name in ("\ud800", "x.\udfff.y", "ü" * 128, "z" * 256, "\ud800" * 100):
+        assert not protocol.valid_stream_name(name), repr(name)

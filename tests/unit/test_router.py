@@ -737,3 +737,25 @@ def test_never_subscribed_clients_cost_nothing(router: Router) -> None:
     router.unsubscribe(client, ["order"])
     router.remove(client)
     assert_empty(router)
+
+
+@pytest.mark.parametrize("name", ["\ud800.x", "x.\udfff", "m." + "z" * 254, "ü" * 128])
+def test_a_stream_name_nothing_can_be_published_to_is_refused_and_changes_nothing(
+    name: str,
+) -> None:
+    router = Router({})
+    client = Client("U1")
+    router.subscribe(client, ["a.b"])
+    before = (router.streams(client), router.subscription_counts())
+    with pytest.raises(errors.InvalidStreamName) as raised:
+        router.subscribe(client, ["c.d", name])
+    assert raised.value.reply == b'{"error":"Invalid stream name"}'
+    assert (router.streams(client), router.subscription_counts()) == before
+
+
+def test_the_longest_routable_names_are_accepted() -> None:
+    router = Router({})
+    client = Client("U1")
+    longest = "m." + "z" * 253  # 255 bytes, as long as a routing key may be
+    multibyte = "ü" * 126 + ".x"  # 254 + 2 bytes would not fit; 252 + 2 do
+    assert router.subscribe(client, [longest, multibyte]) == [subscribed(longest, multibyte)]

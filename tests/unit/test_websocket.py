@@ -26,6 +26,9 @@ class Owner:
         self.closed_reasons: list[str] = []
         self.slow_clients = 0
         self.max_message_size = 4096
+        self.max_queue_bytes = 1 << 20
+        self.message_interval = 0.0  # no rate limit unless a test sets one
+        self.message_window = 1.0
         self._pending = False
 
     def request_flush(self) -> None:
@@ -108,6 +111,11 @@ def pair() -> Iterator[tuple[Owner, Any, Peer]]:
 
     def make(**kwargs: Any) -> Recorder:
         owner.max_message_size = kwargs.pop("max_message_size", 4096)
+        owner.max_queue_bytes = kwargs.pop("max_queue_bytes", 1 << 20)
+        rate = kwargs.pop("rate", None)
+        if rate is not None:
+            owner.message_interval = 1 / rate
+            owner.message_window = (kwargs.pop("burst") + 0.5) / rate  # as the hub sets it
         return Recorder(owner, server, 1, queue_limit=kwargs.pop("queue_limit", 8))
 
     peer = Peer(gevent.socket.socket(fileno=client.detach()))
@@ -225,3 +233,75 @@ def test_parser_exists_only_while_a_frame_is_in_flight(pair: tuple[Owner, Any, P
     peer.sock.sendall(frame[4:])
     assert peer.frame() == (0x1, b"world")
     assert ws._reader is None
+
+
+def _read_until_close(peer: Peer) -> tuple[list[int], bytes]:
+    opcodes = []
+    while True:
+        opcode, payload = peer.frame()
+        if opcode == 0x8:
+            return opcodes, payload
+        opcodes.append(opcode)
+
+
+def test_the_byte_bound_closes_a_client_that_queues_few_large_frames(
+    pair: tuple[Owner, Any, Peer],
+) -> None:
+    owner, make, peer = pair
+    ws = make(queue_limit=1000, max_queue_bytes=300_000)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = encode_text(b"z" * 60000)
+    for _ in range(200):
+        ws.queue(big)
+        owner.flush()
+        if ws.state is not State.OPEN:
+            break
+    assert ws.state is State.CLOSING
+    assert owner.slow_clients == 1
+    assert len(ws._out) <= 2  # at most the half-sent frame and the close frame are left
+    _, payload = _read_until_close(peer)
+    assert payload == struct.pack("!H", 1008) + b"slow client"
+
+
+def test_pongs_count_against_the_bound_of_a_client_that_does_not_read(
+    pair: tuple[Owner, Any, Peer],
+) -> None:
+    # The ping flood of a client that reads slowly: every pong is queued for it, so past the bound
+    # it is a slow client like any other instead of growing the worker's memory.
+    owner, make, peer = pair
+    ws = make(queue_limit=1_000_000, max_queue_bytes=200_000)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ping = masked(0x9, b"p" * 125)
+    with gevent.Timeout(20):
+        while ws.state is State.OPEN:
+            peer.sock.sendall(ping * 50)
+            gevent.sleep(0)
+    assert owner.slow_clients == 1
+    assert ws._queued <= 200_000
+    opcodes, payload = _read_until_close(peer)
+    assert payload == struct.pack("!H", 1008) + b"slow client"
+    assert set(opcodes) == {0xA}
+
+
+def test_a_client_past_its_rate_is_closed_with_1008(pair: tuple[Owner, Any, Peer]) -> None:
+    owner, make, peer = pair
+    ws = make(rate=10, burst=5)
+    peer.sock.sendall(masked(0x1, b"hello") * 5)  # the burst: five messages answered
+    for _ in range(5):
+        assert peer.frame() == (0x1, b"world")
+    peer.sock.sendall(masked(0x9, b"") * 3)  # then pings with no budget left
+    opcode, payload = peer.frame()
+    assert (opcode, payload) == (0x8, struct.pack("!H", 1008) + b"too many messages")
+    assert ws.received == ["hello"] * 5
+    assert owner.slow_clients == 0
+
+
+def test_a_client_within_its_rate_is_never_closed(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    ws = make(rate=200, burst=2)
+    for _ in range(20):
+        peer.sock.sendall(masked(0x1, b"hello"))
+        assert peer.frame() == (0x1, b"world")
+        gevent.sleep(0.01)  # 100 a second, half the rate
+    assert ws.state is State.OPEN
