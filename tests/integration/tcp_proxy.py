@@ -4,6 +4,8 @@ The shared RabbitMQ broker must never be stopped (other suites use it), so the s
 pointed at this proxy instead (``RABBITMQ_HOST``/``RABBITMQ_PORT``). ``cut()`` closes every proxied
 connection and the listening socket, so the server sees its AMQP connection drop and its reconnects
 refused, exactly as when the broker goes away; ``restore()`` listens again on the same port.
+``freeze()`` fakes a path that dies silently: every current connection stays open but nothing more
+crosses it in either direction (no FIN, no RST), while new connections are forwarded as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class TcpProxy:
         self._target = (target_host, target_port)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
+        self._frozen: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._closed = False
         self.port = 0
@@ -67,7 +70,8 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(_CHUNK):
-                sink.sendall(data)
+                if source not in self._frozen:  # a frozen path swallows what it reads
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -101,6 +105,11 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def freeze(self) -> None:
+        """Stop forwarding on every current connection, keeping each one open."""
+        with self._lock:
+            self._frozen = set(self._sockets)
 
     def restore(self) -> None:
         """Accept connections again, on the same port."""
