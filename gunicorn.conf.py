@@ -39,7 +39,8 @@ worker_class = "ranger_py.worker.RangerWorker"
 wsgi_app = "ranger_py.app:create_app()"
 # Each worker must build its own hub and consumer after gevent has patched the process.
 preload_app = False
-# Several instances on one host must not fight over gunicorn's control socket (deps.md §1).
+# Several instances on one host must not fight over gunicorn's control socket (it
+# is a fixed path by default).
 control_socket_disable = True
 # Websockets are capped by RANGER_MAX_CONNECTIONS; this only bounds handshakes in flight. A
 # handed-over websocket frees its slot, so the slots are only taken by clients still sending their

@@ -2,7 +2,7 @@
 
 It starts the server as users do, drives it with websocket clients on uvloop + picows and a
 RabbitMQ publisher, each in a process of its own, and reports latency, delivery, CPU and memory
-for the scenarios of issue 4. See bench/README.md.
+for its scenarios. See bench/README.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a run prints and writes: progress lines, tables, the JSON file and the PNG plot.
 
-The headline table sets each measured figure beside the target of issue 4 and the Rango/Ranger
-reference figures quoted there (measured on the same class of machine: 2 cores, broker and load
+The headline table sets each measured figure beside the project's target and the Rango/Ranger
+reference figures quoted with it (measured on the same class of machine: 2 cores, broker and load
 generator on the box). A target counts as met only when it was measured in this run.
 """
 
@@ -203,7 +203,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
-    """Issue 4's targets with this run's figures (and whether each is met)."""
+    """The targets with this run's figures (and whether each is met)."""
     fan = _find(results, "fanout", label)
     at50, at300 = _step_at(fan, 50), _step_at(fan, 300)
     priv500 = _step_at(_find(results, "private", label), 500)
@@ -335,7 +335,7 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
 
 def print_headline(rows: list[dict[str, Any]], label: str) -> None:
     _out()
-    _out(f"== issue 4 targets · {label} ==")
+    _out(f"== targets · {label} ==")
     _out(f"  {'figure':<40} {'measured':>16} {'target':>20} {'met':>5}  reference")
     for r in rows:
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]

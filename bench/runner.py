@@ -24,7 +24,7 @@ from bench.tokens import Signer
 __all__ = ["Bench", "LoadGens", "OutOfTime", "Settings", "now_us"]
 
 # A step passes ("sustained") when at least this share of the expected frames arrived and
-# the 99th percentile stayed under the limit (issue 4's definition of max sustained).
+# the 99th percentile stayed under the limit (the definition of max sustained).
 MIN_DELIVERED = 0.99
 P99_LIMIT_MS = 100.0
 

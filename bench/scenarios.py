@@ -1,4 +1,4 @@
-"""The scenarios of issue 4, each on a fresh server: what is measured and how it is judged.
+"""The benchmark scenarios, each on a fresh server: what is measured and how it is judged.
 
 * ``idle``: N connections x 2 streams with RS256 tokens; connects/s, server RSS per connection
   (whole process tree), what is left after they close, growth when they connect again.

@@ -3,7 +3,7 @@
 gunicorn parses each request in a short-lived greenlet. An upgrade is validated and
 authenticated here, answered with 101 on the raw socket, and the socket is then *handed over*
 to the hub (``HANDED_OVER``): the request greenlet ends, so an idle websocket keeps no greenlet
-(PROTOCOL §2, ``reference/hotpath.md``). Everything else gets a short plain HTTP answer.
+(PROTOCOL §2). Everything else gets a short plain HTTP answer.
 """
 
 from __future__ import annotations

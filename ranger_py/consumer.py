@@ -162,7 +162,7 @@ class Consumer(ConsumerMixin):
             except self.connection.channel_errors as exc:
                 self._failed("broker refused", exc)
             except Exception as exc:
-                # A bug of ours or of kombu's: the consumer must outlive it (deps.md §3).
+                # A bug of ours or of kombu's: the consumer must outlive it.
                 log.exception("consumer failed; restarting in %.0f s", backoff)
                 self._failed("consumer error", exc, logged=True)
             if self._session_consumed:
@@ -235,7 +235,7 @@ class Consumer(ConsumerMixin):
         if hasattr(channel, "auto_decode"):
             channel.auto_decode = False
         # Server-named (amq.gen-*), so each worker gets every message, and new on every connection:
-        # re-declaring an amq.* name is refused (deps.md §3). x-max-length bounds the broker-side
+        # re-declaring an amq.* name is refused by RabbitMQ. x-max-length bounds the broker-side
         # backlog when publishers outpace us; overflow drops the oldest message.
         queue = Queue(  # type: ignore[no-untyped-call]
             "",

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _RawSocket: type[socket.socket] = get_original("socket", "socket")
 
 # Yield to the event loop after this many broker messages in a row, so a backlog drain cannot
-# starve websocket I/O (reference/deps.md measured 1.4 s stalls without it). Between yields the
+# starve websocket I/O (stalls of 1.4 s were measured without it). Between yields the
 # frames of up to this many messages are coalesced per client; never more than half a send
 # queue, or a burst would overflow clients that read as fast as they can before any write.
 _YIELD_EVERY = 64

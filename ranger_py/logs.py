@@ -1,7 +1,7 @@
 """Log configuration: one dict for gunicorn's ``logconfig_dict``, text or JSON lines.
 
 Modules only call ``logging.getLogger(__name__)``; this is the one place that decides where
-lines go and what they look like (STYLE.md habit 6). ``LOG_FORMAT=json`` writes one JSON object
+lines go and what they look like. ``LOG_FORMAT=json`` writes one JSON object
 per line for log shippers, with the same fields as the text form.
 """
 

@@ -1,6 +1,6 @@
 """One websocket after the handshake: non-blocking reads and writes driven by the event loop.
 
-There is no greenlet per connection (a parked greenlet costs ~8 KB, ``reference/hotpath.md``):
+There is no greenlet per connection (a parked greenlet costs ~8 KB):
 a libev io watcher calls ``_on_readable`` in gevent's hub when bytes arrive, and frames are
 written straight from the fan-out into a per-connection list that the owner flushes once per
 loop turn, all pending frames joined into one ``send``. A socket that cannot take everything

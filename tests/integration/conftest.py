@@ -1,4 +1,4 @@
-"""Session fixtures for the integration tests (STYLE habit 9).
+"""Session fixtures for the integration tests.
 
 RabbitMQ must be running on 127.0.0.1:5672: if it is not, the run stops with how to start it; these
 tests are never skipped. The session works in a vhost of its own, deleted at the end. A failing

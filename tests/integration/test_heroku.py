@@ -1,4 +1,4 @@
-"""Heroku-style deploys (PROTOCOL §1, issue 3): the Procfile's command with only ``PORT`` and a
+"""Heroku-style deploys (PROTOCOL §1): the Procfile's command with only ``PORT`` and a
 broker URL set, and startup refusing an invalid variable with a message that names it.
 
 Heroku runs the Procfile's ``web:`` command through a shell, with the app's executables on PATH;

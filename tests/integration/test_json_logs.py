@@ -1,4 +1,4 @@
-"""``LOG_FORMAT=json`` (issue 3, PROTOCOL §3): a whole server lifetime, from startup to SIGTERM.
+"""``LOG_FORMAT=json`` (PROTOCOL §3): a whole server lifetime, from startup to SIGTERM.
 
 Every line the server writes is one JSON object; each connection has an open and a close line
 with its id (per worker: the pid tells workers apart), path and uid; no token is ever written,

@@ -57,7 +57,7 @@ def _workers_holding_connections(server: Server, offset: int) -> set[int]:
 
 
 def _assert_no_uid_in_labels(scrape: Scrape, *uids: str) -> None:
-    # PROTOCOL §7 / issue 3: no per-user label anywhere (cardinality).
+    # PROTOCOL §7: no per-user label anywhere (cardinality).
     offenders = [
         (name, label, value)
         for name, label, value in scrape.labels()

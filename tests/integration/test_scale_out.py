@@ -1,4 +1,4 @@
-"""Scale-out (issue 3): two separate instances on one exchange and vhost, each with its own ports.
+"""Scale-out: two separate instances on one exchange and vhost, each with its own ports.
 
 Every worker of every instance binds its own queue, so each instance delivers every public message
 to its own clients, and a private message reaches the user's connections on whichever instance

@@ -1,5 +1,5 @@
 """A client that stops reading is closed with 1008 "slow client"; the others never wait for it
-(PROTOCOL §2, STYLE habit 4)."""
+(PROTOCOL §2)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,8 @@ def rs256(rsa_key: rsa.RSAPrivateKey) -> Authenticator:
 
 
 def test_rs256_barong_token(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
-    # No JWT_AUDIENCE: the token's aud must not make PyJWT refuse it (deps.md §5 gotcha).
+    # No JWT_AUDIENCE: the token's aud must not make PyJWT refuse it (PyJWT checks aud whenever
+    # the token has one, unless told not to).
     assert rs256.algorithm == "RS256"
     auth = rs256.authenticate(bearer(sign(rsa_key, "RS256")))
     assert auth == Auth(uid="IDABC0000001", role="admin")
