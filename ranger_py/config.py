@@ -13,7 +13,7 @@ Rules shared by every variable (PROTOCOL §1):
   what is accepted; nothing is silently replaced by a default.
 
 ``python -m ranger_py.config`` prints the effective configuration with secrets masked, or the
-error and exit status 2.
+error and exit status 2; with ``--check`` it prints only the error.
 """
 
 from __future__ import annotations
@@ -651,8 +651,11 @@ def _format(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(environ: Mapping[str, str] | None = None) -> int:
-    """Print the effective configuration; return the exit status (2 on a ConfigError)."""
+def main(environ: Mapping[str, str] | None = None, *, quiet: bool = False) -> int:
+    """Print the effective configuration; return the exit status (2 on a ConfigError).
+
+    ``quiet`` (``--check``) prints only errors: the check gunicorn.conf.py runs before listening.
+    """
     # Checked as startup checks it: the key is read too. Imported here, in the entry point only,
     # so that importing the configuration does not import cryptography.
     from ranger_py.keys import load_verify_key  # noqa: PLC0415
@@ -663,6 +666,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ranger-py: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if quiet:
+        return 0
     sys.stdout.write(_format(config))
     for warning in config.warnings():
         print(f"ranger-py: warning: {warning}", file=sys.stderr)
@@ -670,4 +675,4 @@ def main(environ: Mapping[str, str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(quiet=sys.argv[1:] == ["--check"]))

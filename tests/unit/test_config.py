@@ -67,10 +67,10 @@ def error(environ: dict[str, str]) -> ConfigError:
     return info.value
 
 
-def run_printer(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_printer(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     # A clean environment: only what the test sets (cwd puts ranger_py on sys.path for -m).
     return subprocess.run(
-        [sys.executable, "-m", "ranger_py.config"],
+        [sys.executable, "-m", "ranger_py.config", *args],
         cwd=REPO,
         env=environ,
         capture_output=True,
@@ -570,6 +570,14 @@ def test_printer_checks_the_key_as_startup_does(capsys: pytest.CaptureFixture[st
     )
     assert main({"JWT_PUBLIC_KEY": "not base64!"}) == 2
     assert "JWT_PUBLIC_KEY: is not valid base64" in capsys.readouterr().err
+
+
+def test_module_check_prints_only_errors() -> None:
+    assert run_printer({"RANGER_PORT": "9999"}, "--check").stdout == ""
+    assert run_printer({"RANGER_PORT": "9999"}, "--check").returncode == 0
+    bad = run_printer({"JWT_PUBLIC_KEY": "not base64!"}, "--check")
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr == "ranger-py: invalid configuration: JWT_PUBLIC_KEY: is not valid base64\n"
 
 
 def test_module_printer_subprocess_bad_value() -> None:
