@@ -55,6 +55,14 @@ def _mono_us() -> int:
     return time.monotonic_ns() // 1000
 
 
+def _shown(path: Path) -> str:
+    """A path as the result file records it: relative to the repository, no machine's layout."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return path.name
+
+
 class _Watchdog(BaseException):
     """The run overran its time budget by far: stop everything now."""
 
@@ -367,7 +375,7 @@ class Soak:
             "port": self.server.port,
             "metrics_port": self.server.metrics_port,
             "amqp_proxy_port": proxy_port,
-            "log": str(self.server.log_path),
+            "log": _shown(self.server.log_path),
         }
         self._log(f"starting the server (gunicorn -c gunicorn.conf.py, AMQP via :{proxy_port})")
         self.server.start()
@@ -950,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join(["python -m bench.soak", *(argv if argv is not None else sys.argv[1:])]),
         settings={**asdict(settings), "warmup_s": settings.warmup_s, "users": settings.users},
         vhost=broker.vhost,
-        logs=str(log_dir),
+        logs=_shown(log_dir),
     )
     started = time.monotonic()
     status = _execute(soak)
