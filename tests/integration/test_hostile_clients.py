@@ -42,6 +42,17 @@ def _canary_gets(server: Server, canary: Client, stream: str, numbers: range) ->
 # -- output a client causes but does not read ---------------------------------------------------
 
 
+def _wait_for_slow_client(server: Server) -> None:
+    # The attacker must not read until the server has given up on it: on a loaded machine the
+    # server may still be working through the flood, and a client that reads as fast as it is
+    # answered is no slow client.
+    wait_until(
+        lambda: "send queue full, closing slow client" in server.log_text(),
+        timeout=30,
+        what="the slow-client warning",
+    )
+
+
 def test_a_ping_flood_from_a_client_that_does_not_read_is_a_slow_client(
     start_server: StartServer, connect: Connect
 ) -> None:
@@ -61,6 +72,7 @@ def test_a_ping_flood_from_a_client_that_does_not_read_is_a_slow_client(
         sent += 100
         if round_ % 50 == 0:
             _canary_gets(server, canary, stream, range(round_, round_ + 1))
+    _wait_for_slow_client(server)  # read nothing before: reading would make it a fast client
     frames, code, reason = attacker.until_close()
     assert (code, reason) == (1008, b"slow client")
     assert frames[0] == (OPCODE_TEXT, subscribed().encode())
@@ -85,6 +97,7 @@ def test_a_subscribe_flood_from_a_client_that_does_not_read_is_a_slow_client(
     request = masked_frame(0x1, json.dumps({"event": "subscribe", "streams": names}).encode())
     for _ in range(1000):
         attacker.send(request)
+    _wait_for_slow_client(server)
     frames, code, reason = attacker.until_close()
     assert (code, reason) == (1008, b"slow client")
     assert 1 < len(frames) < 1000
