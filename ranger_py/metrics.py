@@ -7,8 +7,9 @@ master's endpoint sums them. Gauges sum over live workers only (``livesum``), co
 worker that ever ran. The master adds what the files cannot carry: ``process_*`` for the whole
 process tree, ``python_info``, and its own ``promhttp_*`` request counters.
 
-The names Rango's dashboards use are kept (``rango_hub_*``, ``promhttp_*``, ``process_*``); ours
-start with ``ranger_``. No metric has a per-user label. The hot path only bumps plain ints here;
+The names Rango's dashboards use are kept (``rango_hub_*``, ``promhttp_*``, ``process_*``), and so
+are Ruby Ranger's (``ranger_connections_*``, ``ranger_subscriptions_current``); ours also start with
+``ranger_``. No metric has a per-user label. The hot path only bumps plain ints here;
 ``WorkerMetrics.flush`` pushes them to the shared files once a second.
 """
 
@@ -55,6 +56,9 @@ OTHER_TOPIC = "_other"
 # text exposition must be able to encode every value, and a dashboard should show no junk.
 INVALID_LABEL = "_invalid"
 _MAX_LABEL_LENGTH = 255
+# Ruby Ranger's values of the ``auth`` label: "private" for a connection with a uid.
+AUTH_PRIVATE = "private"
+AUTH_PUBLIC = "public"
 
 
 def safe_label(value: str) -> str:
@@ -84,6 +88,35 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        # Ruby Ranger's series, for its dashboards: the same figures, its names and labels.
+        self._connections_opened = Counter(
+            "ranger_connections",  # exposed as ranger_connections_total
+            "Connections opened since start, by auth (private: the client has a uid)",
+            ["auth"],
+            registry=None,
+        )
+        self._connections_current = Gauge(
+            "ranger_connections_current",
+            "Clients currently connected, by auth (private: the client has a uid)",
+            ["auth"],
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.stream_subscriptions = Gauge(
+            "ranger_subscriptions_current",
+            "Current subscriptions per stream, as the client named it",
+            ["stream"],
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        # The children are resolved once: labels() takes a lock and builds a key per call.
+        self._by_auth = {
+            authenticated: (
+                self._connections_opened.labels(auth),
+                self._connections_current.labels(auth),
+            )
+            for authenticated, auth in ((True, AUTH_PRIVATE), (False, AUTH_PUBLIC))
+        }
         self._received = Counter(
             "ranger_messages_received", "Messages received from the broker", registry=None
         )
@@ -147,25 +180,48 @@ class WorkerMetrics:
         self._fanout_sum = 0.0
         self._reconnects_seen = 0
         self._gc_seen: list[dict[str, int]] = []
-        self._topics: dict[tuple[str, str], Gauge] = {}
+        # Per stream: its rango_hub_subscriptions_count and ranger_subscriptions_current children.
+        self._topics: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
+        self._other_topics: dict[str, tuple[Gauge, Gauge]] = {}
 
     def observe_fanout(self, seconds: float) -> None:
         self._fanout_counts[bisect_left(FANOUT_BUCKETS, seconds)] += 1
         self._fanout_sum += seconds
 
+    def connection_opened(self, authenticated: bool) -> None:
+        """A gateway client connected; ``authenticated``: it has a uid."""
+        self.clients.inc()
+        opened, current = self._by_auth[authenticated]
+        opened.inc()
+        current.inc()
+
+    def connection_closed(self, authenticated: bool) -> None:
+        """A client counted by ``connection_opened(authenticated)`` is gone."""
+        self.clients.dec()
+        self._by_auth[authenticated][1].dec()
+
     def subscription(self, kind: str, topic: str, delta: int) -> None:
         """Router hook: one membership of ``topic`` added (+1) or removed (-1)."""
-        # labels() takes a lock and builds a key on every call: the child is kept per stream.
-        child = self._topics.get((kind, topic))
-        if child is None:
+        # labels() takes a lock and builds a key on every call: the children are kept per stream.
+        children = self._topics.get((kind, topic))
+        if children is None:
             if len(self._topics) < MAX_TOPIC_LABELS:
-                child = self._topics[kind, topic] = self.subscriptions.labels(
-                    kind, safe_label(topic)
+                label = safe_label(topic)
+                children = self._topics[kind, topic] = (
+                    self.subscriptions.labels(kind, label),
+                    self.stream_subscriptions.labels(label),
                 )
             else:
                 # The table never shrinks, so a stream counted here on +1 is counted here on -1.
-                child = self.subscriptions.labels(kind, OTHER_TOPIC)
-        child.inc(delta)
+                children = self._other_topics.get(kind)
+                if children is None:
+                    children = self._other_topics[kind] = (
+                        self.subscriptions.labels(kind, OTHER_TOPIC),
+                        self.stream_subscriptions.labels(OTHER_TOPIC),
+                    )
+        rango, ranger = children
+        rango.inc(delta)
+        ranger.inc(delta)
 
     def flush(self, broker_connected: bool, broker_reconnects: int) -> None:
         """Push what the hot path counted since the last call; about once a second."""

@@ -27,6 +27,10 @@ AUTH_FAILURES = "ranger_auth_failures_total"
 SCRAPES = "promhttp_metric_handler_requests_total"
 SCRAPES_IN_FLIGHT = "promhttp_metric_handler_requests_in_flight"
 FANOUT = "ranger_fanout_seconds"
+# Ruby Ranger's series (peatio-core's router), kept for its dashboards.
+RUBY_OPENED = "ranger_connections_total"
+RUBY_CURRENT = "ranger_connections_current"
+RUBY_STREAMS = "ranger_subscriptions_current"
 WORKERS = 2
 
 _OPEN_LINE = re.compile(r"\[(\d+)\] \w+ ranger_py\.hub: connection \d+ open ")
@@ -150,6 +154,104 @@ def test_clients_and_subscriptions_are_summed_over_both_workers(
         labels: value for labels, value in scrape.series(SUBSCRIPTIONS).items() if value < 0
     }
     assert negative == {}
+
+
+def test_ruby_rangers_series_count_connections_by_auth_and_subscriptions_by_stream(
+    metered: Server, connect: Connect, rsa: SigningKey
+) -> None:
+    server = metered
+    wait_for_figures(server.scrape, {key(CLIENTS): 0})  # the previous test's clients are gone
+    before = server.scrape()
+    market = unique()
+    public, private, hostile = f"{market}.trades", unique("ev"), f"{market}\u200b.x"
+
+    offset = server.log_size()
+    anonymous: list[Client] = []
+    # Both workers must hold clients: one scrape has to report them all.
+    while len(anonymous) < 2 or len(_workers_holding_connections(server, offset)) < WORKERS:
+        assert len(anonymous) < 100, "every connection landed on the same worker"
+        viewer = connect(server, f"/public?stream={public}")
+        assert viewer.recv() == subscribed(public)
+        anonymous.append(viewer)
+    # A refused optional token and a valid token without a uid both leave the client public.
+    for headers in ({"Authorization": "Bearer garbage"}, {"Authorization": rsa.bearer(None)}):
+        viewer = connect(server, f"/?stream={public}", headers=headers)
+        assert viewer.recv() == subscribed(public)
+        anonymous.append(viewer)
+    alice, bob = unique("ID"), unique("ID")
+    authenticated = [
+        connect(server, f"/private?stream={private}", headers=_auth(rsa, alice)),
+        connect(server, f"/private?stream={private}", headers=_auth(rsa, bob)),
+        connect(server, f"/?stream={public}", headers=_auth(rsa, bob)),  # a uid on a public path
+    ]
+    for client, stream in zip(authenticated, (private, private, public), strict=True):
+        assert client.recv() == subscribed(stream)
+    assert anonymous[0].subscribe(hostile) == subscribed(public, hostile)
+
+    opened_public = before.value(RUBY_OPENED, auth="public") + len(anonymous)
+    opened_private = before.value(RUBY_OPENED, auth="private") + len(authenticated)
+    public_key = key(RUBY_STREAMS, stream=public)
+    private_key = key(RUBY_STREAMS, stream=private)
+    # Client text that is not printable goes under the same safe label as Rango's topic.
+    invalid_key = key(RUBY_STREAMS, stream="_invalid")
+    invalid_before = before.value(RUBY_STREAMS, stream="_invalid")
+    scrape = wait_for_figures(
+        server.scrape,
+        {
+            key(RUBY_OPENED, auth="public"): opened_public,
+            key(RUBY_OPENED, auth="private"): opened_private,
+            key(RUBY_CURRENT, auth="public"): len(anonymous),
+            key(RUBY_CURRENT, auth="private"): len(authenticated),
+            key(CLIENTS): len(anonymous) + len(authenticated),
+            public_key: len(anonymous) + 1,
+            private_key: 2,
+            invalid_key: invalid_before + 1,
+        },
+    )
+    assert "# TYPE ranger_connections_total counter" in scrape.text
+    assert "# TYPE ranger_connections_current gauge" in scrape.text
+    assert "# TYPE ranger_subscriptions_current gauge" in scrape.text
+    assert {value for _, label, value in scrape.labels() if label == "auth"} <= {
+        "public",
+        "private",
+    }
+    ours = {
+        value
+        for name, label, value in scrape.labels()
+        if name == RUBY_STREAMS and (market in value or value == private)
+    }
+    assert ours == {public, private}
+    _assert_no_uid_in_labels(scrape, alice, bob)
+
+    assert anonymous[0].unsubscribe(public, hostile) == unsubscribed()
+    authenticated[0].close()
+    anonymous[1].close()
+    wait_for_figures(
+        server.scrape,
+        {
+            key(RUBY_CURRENT, auth="public"): len(anonymous) - 1,
+            key(RUBY_CURRENT, auth="private"): len(authenticated) - 1,
+            public_key: len(anonymous) - 1,
+            private_key: 1,
+            invalid_key: invalid_before,
+        },
+    )
+
+    for client in [*anonymous, *authenticated]:
+        client.close()
+    scrape = wait_for_figures(
+        server.scrape,
+        {
+            key(RUBY_CURRENT, auth="public"): 0,
+            key(RUBY_CURRENT, auth="private"): 0,
+            key(CLIENTS): 0,
+            public_key: 0,
+            private_key: 0,
+        },
+    )
+    # Totals count connections opened: closing takes nothing back.
+    assert scrape.value(RUBY_OPENED, auth="public") == opened_public
+    assert scrape.value(RUBY_OPENED, auth="private") == opened_private
 
 
 def test_broker_messages_are_counted_per_worker_and_per_recipient(

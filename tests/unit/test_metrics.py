@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ranger_py.metrics import (
+    AUTH_PRIVATE,
+    AUTH_PUBLIC,
     FANOUT_BUCKETS,
     INVALID_LABEL,
     MAX_TOPIC_LABELS,
@@ -108,6 +110,62 @@ def test_subscription_gauge_goes_back_to_zero_and_labels_are_capped() -> None:
     assert sum(float(line.rsplit(" ", 1)[1]) for line in series) == MAX_TOPIC_LABELS + 5
 
 
+def test_ruby_rangers_connection_series_count_by_auth() -> None:
+    m = WorkerMetrics()
+    # Both label values exist from the start, at 0, as Ruby Ranger shows them.
+    text = exposition(m._connections_opened, m._connections_current)
+    for auth in (AUTH_PRIVATE, AUTH_PUBLIC):
+        assert sample(text, f'ranger_connections_total{{auth="{auth}"}}') == 0
+        assert sample(text, f'ranger_connections_current{{auth="{auth}"}}') == 0
+    for authenticated in (True, True, False, False, False):
+        m.connection_opened(authenticated)
+    m.connection_closed(True)
+    m.connection_closed(False)
+    text = exposition(m._connections_opened, m._connections_current, m.clients)
+    assert (AUTH_PRIVATE, AUTH_PUBLIC) == ("private", "public")  # Ruby Ranger's values
+    assert sample(text, 'ranger_connections_total{auth="private"}') == 2
+    assert sample(text, 'ranger_connections_total{auth="public"}') == 3
+    assert sample(text, 'ranger_connections_current{auth="private"}') == 1
+    assert sample(text, 'ranger_connections_current{auth="public"}') == 2
+    assert sample(text, "rango_hub_clients_count") == 3  # Rango's gauge moves with them
+    assert "# TYPE ranger_connections_total counter" in text
+
+
+def test_ruby_rangers_stream_gauge_follows_the_subscription_hook() -> None:
+    m = WorkerMetrics()
+    m.subscription("public", "eurusd.trades", 1)
+    m.subscription("public", "eurusd.trades", 1)
+    m.subscription("private", "order", 1)
+    m.subscription("prefixed", "admin.eurusd.sys", 1)
+    text = exposition(m.stream_subscriptions)
+    assert sample(text, 'ranger_subscriptions_current{stream="eurusd.trades"}') == 2
+    assert sample(text, 'ranger_subscriptions_current{stream="order"}') == 1
+    assert sample(text, 'ranger_subscriptions_current{stream="admin.eurusd.sys"}') == 1
+    m.subscription("public", "eurusd.trades", -1)
+    m.subscription("private", "order", -1)
+    text = exposition(m.stream_subscriptions)
+    assert sample(text, 'ranger_subscriptions_current{stream="eurusd.trades"}') == 1
+    assert sample(text, 'ranger_subscriptions_current{stream="order"}') == 0
+
+
+def test_ruby_rangers_stream_labels_share_the_topic_cap() -> None:
+    m = WorkerMetrics()
+    for i in range(MAX_TOPIC_LABELS + 5):
+        m.subscription("public", f"junk{i}.x", 1)
+    m.subscription("private", "order", 1)  # past the cap too, whatever its kind
+    text = exposition(m.stream_subscriptions)
+    series = [
+        line for line in text.splitlines() if line.startswith("ranger_subscriptions_current{")
+    ]
+    assert len(series) == MAX_TOPIC_LABELS + 1
+    other = f'ranger_subscriptions_current{{stream="{OTHER_TOPIC}"}}'
+    assert sample(text, other) == 6
+    for i in range(MAX_TOPIC_LABELS, MAX_TOPIC_LABELS + 5):
+        m.subscription("public", f"junk{i}.x", -1)
+    m.subscription("private", "order", -1)
+    assert sample(exposition(m.stream_subscriptions), other) == 0
+
+
 def test_gc_counters_follow_the_interpreter() -> None:
     m = WorkerMetrics()
     m.flush(True, 0)
@@ -160,10 +218,15 @@ def test_a_hostile_stream_name_never_reaches_a_label() -> None:
     text = exposition(m.subscriptions)  # would raise UnicodeEncodeError on a lone surrogate
     invalid = f'rango_hub_subscriptions_count{{topic="{INVALID_LABEL}",type="public"}}'
     assert sample(text, invalid) == 5
+    ruby = exposition(m.stream_subscriptions)
+    ruby_invalid = f'ranger_subscriptions_current{{stream="{INVALID_LABEL}"}}'
+    assert sample(ruby, ruby_invalid) == 5
+    assert len([line for line in ruby.splitlines() if line[0] != "#"]) == 1
     for name in HOSTILE_NAMES:
         m.subscription("public", name, -1)
     text = exposition(m.subscriptions)
     assert sample(text, invalid) == 0
+    assert sample(exposition(m.stream_subscriptions), ruby_invalid) == 0
 
 
 class _Hostile:
