@@ -1,11 +1,15 @@
 """The broker side (PROTOCOL §5): one kombu consumer per worker process, feeding a callback.
 
 Owns the AMQP connection, the declarations (Peatio's exchange, a private bounded queue),
-reconnects and the ready/status pair that /readyz reports. It is the only importer of kombu. It
-knows nothing of routing or greenlets: each message becomes one ``on_message(routing_key, body)``
-call, and yielding to other greenlets is the callback's business. Blocking calls go through the
-standard library (sockets, ``time.sleep``, ``threading.Event``), which gevent has patched by the
-time a worker runs this.
+reconnects and the ready/status pair that /readyz reports. It is the server's only importer of
+kombu (demo.py's feed and the ``ranger-py publish`` tool publish with it too). It knows nothing of
+routing or greenlets: each message becomes one ``on_message(routing_key, body)`` call, and
+yielding to other greenlets is the callback's business. Blocking calls go through the standard
+library (sockets, ``time.sleep``, ``threading.Event``), which gevent has patched by the time a
+worker runs this.
+
+``memory://`` (RANGER_DEMO) is kombu's in-memory transport: the same consumer, with no socket,
+no heartbeats and no queue arguments (ignored there), reading what demo.py publishes.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ RETRY_START, RETRY_STEP, RETRY_MAX = 1.0, 1.0, 5.0
 # Pause after a consume session that failed before it started consuming (refused declaration,
 # unexpected error): doubles up to the cap so nothing loops hot.
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+# A broker that refuses our credentials goes on refusing them until someone fixes them: unlike an
+# outage, this is said at warning level for as long as it lasts, at most once per this many seconds.
+LOGIN_WARNING_INTERVAL = 60.0
+# AMQP's reply code for a refused login (connection.close 403 ACCESS_REFUSED).
+_ACCESS_REFUSED = 403
+
+
+# kombu's virtual transports poll their queues, once a second by default: too slow for the
+# in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
+MEMORY_POLL_INTERVAL = 0.02
+
+
+def _transport_options(amqp_url: str) -> dict[str, Any]:
+    if amqp_url.startswith("memory://"):
+        return {"polling_interval": MEMORY_POLL_INTERVAL}
+    return {}
 
 
 class BrokerSettings(Protocol):
@@ -72,8 +92,27 @@ class _StopRequestedError(Exception):
     """Raised inside kombu's connection retry loop to abandon it once stop() was called."""
 
 
+class _LoginRefusedError(Exception):
+    """The broker answered the connection attempt by refusing our user or password."""
+
+
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _access_refused(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is the broker's ACCESS_REFUSED.
+
+    py-amqp raises AccessRefused (reply code 403); a library wrapping it may keep only its text.
+    """
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain: a cycle must not loop
+        if seen is None:
+            return False
+        if getattr(seen, "reply_code", None) == _ACCESS_REFUSED or "ACCESS_REFUSED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _bound_replies(conn: Any, seconds: float) -> None:
@@ -105,13 +144,22 @@ class Consumer(ConsumerMixin):
         if heartbeat_s < MIN_HEARTBEAT:
             raise ValueError(f"heartbeat must be >= {MIN_HEARTBEAT} s, not {heartbeat}")
         self.connection = Connection(  # type: ignore[no-untyped-call]
-            amqp_url, heartbeat=heartbeat_s, connect_timeout=CONNECT_TIMEOUT
+            amqp_url,
+            heartbeat=heartbeat_s,
+            connect_timeout=CONNECT_TIMEOUT,
+            transport_options=_transport_options(amqp_url),
         )
         self.exchange_name = exchange
         self.queue_max_length = queue_max_length
         self.reconnects = 0
         self._handler = on_message
         self._uri: str = self.connection.as_uri()  # password masked
+        info = self.connection.info()  # type: ignore[no-untyped-call]  # kombu's defaults filled in
+        self._login = (
+            f"user {info['userid']} at {info['hostname']}:{info['port']}/{info['virtual_host']}"
+        )
+        self._clock: Callable[[], float] = time.monotonic
+        self._login_warned_at: float | None = None
         self._state: tuple[bool, str] = (False, "connecting")
         self._stop_event = threading.Event()
         self._exchange = self._peatio_exchange()
@@ -157,6 +205,8 @@ class Consumer(ConsumerMixin):
                     pass
             except _StopRequestedError:
                 break
+            except _LoginRefusedError as exc:
+                self._login_refused(exc.__cause__ or exc)
             except (*self.connection.connection_errors, OperationalError) as exc:
                 self._failed("broker connection lost", exc)
             except self.connection.channel_errors as exc:
@@ -173,6 +223,28 @@ class Consumer(ConsumerMixin):
         self._live = None
         self._state = (False, "stopped")
         log.info("consumer stopped")
+
+    def _login_refused(self, exc: BaseException) -> None:
+        self._live = None
+        self._state = (False, f"broker refused the login for {self._login}")
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        # The broker's text is not expected to carry the password; make sure it never does.
+        password = self.connection.info()["password"]  # type: ignore[no-untyped-call]
+        reason = _describe(exc)
+        if password:
+            reason = reason.replace(password, "****")
+        now = self._clock()
+        if self._login_warned_at is None or now - self._login_warned_at >= LOGIN_WARNING_INTERVAL:
+            self._login_warned_at = now
+            log.warning(
+                "broker refused the login for %s (check RABBITMQ_USER/RABBITMQ_PASSWORD or "
+                "RABBITMQ_URL): %s; retrying",
+                self._login,
+                reason,
+            )
+        else:
+            log.debug("broker still refuses the login for %s: %s", self._login, reason)
 
     def _failed(self, what: str, exc: BaseException, logged: bool = False) -> None:
         self._live = None
@@ -192,14 +264,22 @@ class Consumer(ConsumerMixin):
         conn = self.create_connection()  # type: ignore[no-untyped-call]
         broken = True
         try:
-            conn.ensure_connection(
-                self.on_connection_error,
-                self.connect_max_retries,
-                interval_start=RETRY_START,
-                interval_step=RETRY_STEP,
-                interval_max=RETRY_MAX,
-                callback=self._abandon_if_stopping,
-            )
+            try:
+                conn.ensure_connection(
+                    self.on_connection_error,
+                    self.connect_max_retries,
+                    interval_start=RETRY_START,
+                    interval_step=RETRY_STEP,
+                    interval_max=RETRY_MAX,
+                    callback=self._abandon_if_stopping,
+                )
+            except Exception as exc:
+                # kombu does not retry a refused login (py-amqp's AccessRefused is not a
+                # recoverable error): it comes out of ensure_connection at once, on_connection_error
+                # never sees it, and run_forever's backoff paces the next attempts.
+                if _access_refused(exc):
+                    raise _LoginRefusedError(_describe(exc)) from exc
+                raise
             _bound_replies(conn, REPLY_TIMEOUT)
             self._exchange = self._usable_exchange(conn)
             yield conn
@@ -254,6 +334,7 @@ class Consumer(ConsumerMixin):
         self._live = connection
         self._session_consumed = True
         self._state = (True, "consuming")
+        self._login_warned_at = None  # a later refusal is news again
         if self._outage_since is not None:
             down = time.monotonic() - self._outage_since
             self._outage_since = None

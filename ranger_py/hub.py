@@ -24,6 +24,7 @@ from ranger_py.auth import Auth
 from ranger_py.config import Config
 from ranger_py.connection import Connection, EchoConnection
 from ranger_py.consumer import Consumer
+from ranger_py.demo import WorkerFeed
 from ranger_py.errors import CloseCode
 from ranger_py.frames import encode_text
 from ranger_py.metrics import WorkerMetrics
@@ -67,7 +68,11 @@ class Hub:
         self.message_interval = 1.0 / config.client_rate
         # Half a frame of slack, so float rounding never refuses the last frame of a burst.
         self.message_window = (config.client_burst + 0.5) / config.client_rate
-        self.consumer = Consumer.from_config(config, self.on_broker_message)
+        # RANGER_DEMO: the same consumer, reading a synthetic feed from kombu's in-memory
+        # transport instead of RabbitMQ.
+        self.demo = WorkerFeed(config) if config.demo else None
+        broker = config if self.demo is None else self.demo.broker
+        self.consumer = Consumer.from_config(broker, self.on_broker_message)
         self._flush_pending = False
         self._since_yield = 0
         self._yield_every = max(1, min(_YIELD_EVERY, config.send_queue_size // 2))
@@ -80,12 +85,16 @@ class Hub:
 
     def start(self) -> None:
         self._consumer_greenlet = gevent.spawn(self.consumer.run_forever)
+        if self.demo is not None:
+            gevent.spawn(self.demo.run_forever, lambda: self.consumer.ready)
         self._sweeper = self.loop.timer(_SWEEP_INTERVAL, _SWEEP_INTERVAL)
         self._sweeper.start(self._sweep)
 
     def shutdown(self, timeout: float) -> None:
         """Close every client with 1001 and stop consuming; returns within ``timeout``."""
         self.accepting = False
+        if self.demo is not None:
+            self.demo.stop()
         self.consumer.stop()
         for ws in list(self.connections):
             ws.close(CloseCode.GOING_AWAY, "server shutdown")
@@ -131,7 +140,7 @@ class Hub:
             queue_limit=self.config.send_queue_size,
         )
         self.connections.add(conn)
-        self.metrics.clients.inc()
+        self.metrics.connection_opened(bool(auth.uid))
         log.info("connection %d open path=%s uid=%s", conn.id, path, auth.uid or "-")
         conn.queue(greeting)
         # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
@@ -166,7 +175,7 @@ class Hub:
         self.connections.discard(ws)
         if isinstance(ws, Connection):
             self.router.remove(ws)
-            self.metrics.clients.dec()
+            self.metrics.connection_closed(bool(ws.auth.uid))
             note = f" (close {ws.close_note})" if ws.close_note else ""
             log.info(
                 "connection %d closed path=%s uid=%s: %s%s",
