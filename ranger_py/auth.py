@@ -2,8 +2,9 @@
 
 This module owns the checks of a token (PROTOCOL §3): its signature with the key and algorithm that
 :mod:`ranger_py.keys` read from ``JWT_PUBLIC_KEY``, ``exp``/``nbf``/``iat`` (each with its own
-leeway), ``iss`` and ``aud``. It is the only importer of ``jwt`` (PyJWT). Pure apart
-from reading the clock: no I/O, no logging, so a token never reaches a log line from here.
+leeway), ``iss`` and ``aud``. It is the server's only importer of ``jwt`` (PyJWT; the
+``ranger-py token`` tool signs with it too). Pure apart from reading the clock: no I/O, no
+logging, so a token never reaches a log line from here.
 """
 
 from __future__ import annotations

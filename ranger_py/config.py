@@ -267,6 +267,21 @@ class _CorsOrigins(Parser):
         return host
 
 
+class _Switch(Parser):
+    """A yes/no setting."""
+
+    words: Mapping[str, bool] = MappingProxyType(
+        {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    )
+    accepts = "one of on, off, true, false, 1 or 0"
+
+    def __call__(self, variable: str, raw: str) -> bool:
+        try:
+            return self.words[raw.strip().lower()]
+        except KeyError:
+            raise self.reject(variable, raw) from None
+
+
 class _Path(Parser):
     accepts = 'a URL path starting with "/", without spaces'
 
@@ -287,6 +302,8 @@ def _show(value: object) -> str:
     """Render a typed value as an operator would write it in the environment."""
     if value is None:
         return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(str(item) for item in value) if value else "none"
     if isinstance(value, frozenset):
@@ -518,6 +535,20 @@ class Config:
     echo_path: str | None = _setting(
         "RANGER_ECHO_PATH", None, _Path(), "testing only: this path serves an echo websocket"
     )
+    demo: bool = _setting(
+        "RANGER_DEMO",
+        False,
+        _Switch(),
+        "demo mode, no broker: serve a synthetic Peatio feed (btcusd, ethusd, private events of"
+        " IDDEMO000001) from memory; the RABBITMQ_* settings are ignored; needs WEB_CONCURRENCY=1",
+    )
+
+    def __post_init__(self) -> None:
+        # Each worker would run a feed of its own: clients of different workers would see
+        # different books and prices.
+        if self.demo and self.workers > 1:
+            problem = f"demo mode needs WEB_CONCURRENCY=1, not {self.workers}"
+            raise ConfigError("RANGER_DEMO", problem)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -672,6 +703,56 @@ def main(environ: Mapping[str, str] | None = None, *, quiet: bool = False) -> in
     for warning in config.warnings():
         print(f"ranger-py: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def config_errors(environ: Mapping[str, str] | None = None) -> list[ConfigError]:
+    """Every invalid variable of ``environ`` (``os.environ`` if None), not only the first.
+
+    :meth:`Config.from_env` stops at the first error; ``ranger-py config`` and a refused startup
+    name them all. Each variable is checked as ``from_env`` reads it (only the first non-empty
+    variable of a setting counts); ``JWT_PUBLIC_KEY`` is read as startup reads it. The checks that
+    involve several settings run once every single value is valid. An empty list: startup accepts
+    this environment.
+    """
+    from ranger_py.keys import load_verify_key  # noqa: PLC0415 (cryptography only when asked)
+
+    environ = os.environ if environ is None else environ
+    errors: list[ConfigError] = []
+    values: dict[str, Any] = {}
+    for name, setting in settings():
+        if setting.family:
+            prefix = setting.env[0]
+            members = [variable for variable in sorted(environ) if variable.startswith(prefix)]
+            failed = len(errors)
+            for variable in members:
+                try:
+                    _read_family(setting, {variable: environ[variable]})
+                except ConfigError as exc:
+                    errors.append(exc)
+            if len(errors) == failed:  # each one is valid alone: now the clashes between them
+                try:
+                    _read_family(setting, {variable: environ[variable] for variable in members})
+                except ConfigError as exc:
+                    errors.append(exc)
+            continue
+        chosen = next((env for env in setting.env if environ.get(env, "") != ""), None)
+        if chosen is None:
+            continue
+        try:
+            values[name] = setting.parse(chosen, environ[chosen])
+        except ConfigError as exc:
+            errors.append(exc)
+    try:
+        load_verify_key(values.get("jwt_public_key"), values.get("jwt_algorithm"))
+    except ConfigError as exc:
+        if all(exc.variable != error.variable for error in errors):
+            errors.append(exc)
+    if not errors:
+        try:
+            Config.from_env(environ)
+        except ConfigError as exc:
+            errors.append(exc)
+    return errors
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, object] = {
     "broker_heartbeat": 4,
     "queue_max_length": 100000,
     "echo_path": None,
+    "demo": False,
 }
 
 
@@ -218,6 +219,7 @@ REJECTED = [
     ("RANGER_QUEUE_MAX_LENGTH", "-10", "is not an integer >= 1"),
     ("RANGER_ECHO_PATH", "echo", 'is not a URL path starting with "/"'),
     ("RANGER_ECHO_PATH", "/ echo", "without spaces"),
+    ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
 ]
 
 
