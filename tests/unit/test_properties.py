@@ -3,7 +3,7 @@
 The example-based suites (test_protocol.py, test_router.py) pin the exact bytes of known cases;
 these check that the same rules hold for *any* input: any client text, any stream name (lone
 surrogates included), any routing key and body, and any sequence of subscribe / unsubscribe /
-remove / route calls, against small models written from docs/PROTOCOL.md §4-§6.
+remove / route calls, against small models written from docs/wire-contract.md §4-§6.
 """
 
 from __future__ import annotations

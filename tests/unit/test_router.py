@@ -1,8 +1,8 @@
 """Tests for ranger_py.router: subscriptions, routing keys, frames, the order-book cache.
 
 Acceptance cases from Rango (hub_test.go, client_test.go) and Ruby Ranger (router_spec.rb,
-web_socket_spec.rb 16-19) are replayed at the router level, adapted where PROTOCOL.md decides
-differently (noted at each case).
+web_socket_spec.rb 16-19) are replayed at the router level, adapted where docs/wire-contract.md
+decides differently (noted at each case).
 """
 
 from __future__ import annotations
