@@ -113,7 +113,13 @@ def print_tables(result: dict[str, Any]) -> None:
     elif name in ("fanout", "private") and "steps" in data:
         _steps_table(data["steps"])
         best = data.get("max_sustained_per_s")
-        knee = "knee found" if data.get("knee_found") else "no knee within the rates tried"
+        low, high = data.get("last_passing_rate"), data.get("first_failing_rate")
+        if high is not None and low is not None:
+            knee = f"last passing step {low:,} msg/s, first failing {high:,} msg/s"
+        elif high is not None:
+            knee = f"the first step ({high:,} msg/s) failed"
+        else:
+            knee = "no failing step within the rates tried"
         if data.get("non_monotonic"):
             knee += "; a lower rate failed: noisy machine?"
         _out(

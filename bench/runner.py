@@ -57,6 +57,11 @@ class Settings:
     )
     # Failed steps in a row that end a knee search.
     fail_limit: int = 2
+    # Past the last rate with every step passing, go on by this factor, at most this many times.
+    extend_factor: float = 1.3
+    extend_steps: int = 6
+    # Then bisect between the last passing and the first failing rate until they are this close.
+    bisect_within: float = 0.05
     idle_connections: int = 5000
     idle_settle_s: float = 3.0
     private_users: int = 1000
@@ -529,38 +534,81 @@ class Bench:
         recipients: int,
         on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Steps at rising rates until ``fail_limit`` fail in a row; the best one that held.
+        """Steps at rising rates until ``fail_limit`` fail in a row, then a bisection.
 
-        A failed step below the best passing one (noise on a shared machine) is flagged as
-        ``non_monotonic``: the table shows every step, so a reader can judge.
+        When every given rate holds, the steps go on by ``extend_factor``. Once a step fails, the
+        rates between the last passing step and the first failing one above it are bisected
+        until they are within ``bisect_within`` of each other: the capacity is reported as that
+        pair, never as a single figure. A failed step below the best passing one (noise on a
+        shared machine) is flagged as ``non_monotonic``: the table shows every step.
         """
         steps: list[dict[str, Any]] = []
-        in_a_row = 0
         stopped = None
-        for rate in rates:
+
+        def run(rate: int) -> dict[str, Any] | None:
+            nonlocal stopped
+            if stopped is not None:
+                return None
             try:
                 step = self.step(server, [group], keys, rate, recipients=recipients)
             except OutOfTime as exc:
                 stopped = str(exc)
-                break
+                return None
             steps.append(step)
             if on_step is not None:
                 on_step(step)
+            if not server.alive:
+                stopped = "server exited"
+            return step
+
+        in_a_row = 0
+        planned = list(rates)
+        extended = 0
+        while planned:
+            step = run(planned.pop(0))
+            if step is None:
+                break
             in_a_row = 0 if step["sustained"] else in_a_row + 1
             if in_a_row >= self.settings.fail_limit:
                 break
-            if not server.alive:
-                stopped = "server exited"
+            if not planned and step["sustained"] and extended < self.settings.extend_steps:
+                extended += 1
+                planned.append(round(step["rate"] * self.settings.extend_factor))
+        low, high = _bracket(steps)
+        while (
+            low is not None
+            and high is not None
+            and (high - low) / low > self.settings.bisect_within
+            and stopped is None
+        ):
+            middle = (low + high) // 2
+            step = run(middle)
+            if step is None:
                 break
+            if step["sustained"]:
+                low = middle
+            else:
+                high = middle
         passing = [s for s in steps if s["sustained"]]
         best = max(passing, key=lambda s: s["delivered_per_s"]) if passing else None
+        low, high = _bracket(steps)
         return {
             "steps": steps,
             "max_sustained_per_s": best["delivered_per_s"] if best else None,
             "max_sustained_rate": best["rate"] if best else None,
-            "knee_found": in_a_row >= self.settings.fail_limit,
+            "last_passing_rate": low,
+            "first_failing_rate": high,
+            "knee_found": high is not None,
             "non_monotonic": bool(
                 best and any(not s["sustained"] and s["rate"] < best["rate"] for s in steps)
             ),
             "stopped": stopped,
         }
+
+
+def _bracket(steps: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """The highest passing rate, and the lowest failing rate above it (None where there is none)."""
+    passing = [s["rate"] for s in steps if s["sustained"]]
+    low = max(passing) if passing else None
+    failing = [s["rate"] for s in steps if not s["sustained"] and (low is None or s["rate"] > low)]
+    return low, (min(failing) if failing else None)
