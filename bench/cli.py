@@ -54,7 +54,7 @@ and /private websockets.
 """
 
 
-class _Watchdog(BaseException):
+class Watchdog(BaseException):
     """The run overran its time budget by far: stop everything now."""
 
 
@@ -210,9 +210,20 @@ def _machine(broker: Broker) -> dict[str, Any]:
     }
 
 
-def _check_dependencies() -> None:
+def check_dependencies(
+    modules: tuple[str, ...] = (
+        "picows",
+        "uvloop",
+        "numpy",
+        "matplotlib",
+        "websockets",
+        "amqp",
+        "jwt",
+    ),
+) -> None:
+    """Stop with the install command when a module the benchmark programs need is missing."""
     missing = []
-    for module in ("picows", "uvloop", "numpy", "matplotlib", "websockets", "amqp", "jwt"):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
@@ -220,15 +231,15 @@ def _check_dependencies() -> None:
     if missing:
         raise SystemExit(
             f"missing {', '.join(missing)}: pip install -r requirements-dev.txt "
-            "-r bench/requirements.txt"
+            "-r bench/requirements.txt (bench/run does it)"
         )
 
 
 def _raise_watchdog(signum: int, frame: FrameType | None) -> None:
-    raise _Watchdog
+    raise Watchdog
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+def raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -297,7 +308,7 @@ def _guard(settings: Settings) -> None:
     """Limits and signals for the whole run: Ctrl-C and SIGTERM clean up, a watchdog too."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the servers inherit it
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGALRM, _raise_watchdog)
     signal.alarm(int(settings.max_minutes * 60 + 300))
 
@@ -319,7 +330,7 @@ def _write(document: dict[str, Any], out_dir: Path, stamp: str, specs: list[Serv
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _check_dependencies()
+    check_dependencies()
     settings = _settings(args)
     specs = _specs(args)
     names = _scenario_names(args.scenarios)
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         failures.append("interrupted")
         status = 130
-    except _Watchdog:
+    except Watchdog:
         failures.append("watchdog: the run overran its time budget")
     except (BrokerError, ChildError, OSError) as exc:
         failures.append(str(exc))

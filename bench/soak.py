@@ -35,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 from bench import procs, soakreport
-from bench.cli import _machine, _require_loopback
+from bench.cli import _machine, _require_loopback, check_dependencies, raise_interrupt
 from bench.rpc import Child, ChildError
 from bench.server import EXCHANGE, REPO, Broker, BrokerError, Server, ServerFailed, ServerSpec
 from bench.tokens import Signer, uid
@@ -877,24 +877,6 @@ def _settings(args: argparse.Namespace) -> SoakSettings:
     return settings
 
 
-def _check_dependencies() -> None:
-    missing = []
-    for module in ("picows", "uvloop", "websockets", "amqp", "jwt"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise SystemExit(
-            f"missing {', '.join(missing)}: pip install -r requirements-dev.txt "
-            "-r bench/requirements.txt (bench/run does it)"
-        )
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def _raise_watchdog(signum: int, frame: FrameType | None) -> None:
     raise _Watchdog
 
@@ -930,7 +912,7 @@ def _execute(soak: Soak) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _check_dependencies()
+    check_dependencies(("picows", "uvloop", "websockets", "amqp", "jwt"))
     settings = _settings(args)
     host, _, port = args.broker.rpartition(":")
     host = host or "127.0.0.1"
@@ -946,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server inherits it
     # Explicit, since a shell may start a background job with SIGINT ignored.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)
+        signal.signal(signum, raise_interrupt)
     signal.signal(signal.SIGALRM, _raise_watchdog)
     signal.alarm(int(settings.duration + _SETUP_BUDGET_S))
 
