@@ -48,7 +48,9 @@ _T = TypeVar("_T")
 MASK = "***"
 _META_KEY = "ranger_py.setting"
 
-JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")
+# Every algorithm JWT_ALGORITHM may name (ranger_py.keys checks which one fits the key). "none" and
+# HS* are absent on purpose: with a public key as the HMAC secret, anyone could sign.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA")
 
 # LOG_LEVEL takes Rango's zerolog names and Python's; values are the logging level names.
 LOG_LEVELS = {

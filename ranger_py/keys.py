@@ -17,6 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from ranger_py.config import JWT_ALGORITHMS
 from ranger_py.errors import ConfigError
 
 __all__ = ["SUPPORTED_ALGORITHMS", "VerifyKey", "load_verify_key"]
@@ -27,9 +28,8 @@ VerifyKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed
 _PUBLIC_KEY = "JWT_PUBLIC_KEY"
 _ALGORITHM = "JWT_ALGORITHM"
 
-# Every algorithm JWT_ALGORITHM may name. "none" and HS* are absent on purpose: with a public key
-# as the HMAC secret, anyone could sign (the classic algorithm-confusion attack).
-SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA")
+# One list, the configuration's: JWT_ALGORITHM is validated there, and a key may verify only these.
+SUPPORTED_ALGORITHMS = JWT_ALGORITHMS
 
 # An EC key verifies exactly one ES* algorithm: the one built on its curve (RFC 7518 §3.4).
 _EC_ALGORITHM = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}

@@ -180,7 +180,11 @@ REJECTED = [
     ("CLOUDAMQP_URL", "rabbit", "is not an AMQP URL"),
     ("AMQP_URL", "redis://x", "is not an AMQP URL"),
     ("RANGER_EXCHANGE", "  ", "non-blank"),
-    ("JWT_ALGORITHM", "HS256", '"HS256" is not one of RS256, RS384, RS512, ES256, ES384 or EdDSA'),
+    (
+        "JWT_ALGORITHM",
+        "HS256",
+        '"HS256" is not one of RS256, RS384, RS512, ES256, ES384, ES512 or EdDSA',
+    ),
     ("JWT_ALGORITHM", "none", "is not one of"),
     ("JWT_DEFAULT_LEEWAY", "-1", '"-1" is not an integer >= 0'),
     ("JWT_ISSUED_AT_LEEWAY", "soon", "is not an integer >= 0"),
