@@ -27,6 +27,8 @@ from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu.mixins import ConsumerMixin
 
+from ranger_py.amqp_adapter import ACCESS_REFUSED, keep_bodies_raw, reply_code, set_socket_timeout
+
 __all__ = ["BrokerSettings", "Consumer", "MessageHandler"]
 
 log = logging.getLogger(__name__)
@@ -57,10 +59,6 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 # A broker that refuses our credentials goes on refusing them until someone fixes them: unlike an
 # outage, this is said at warning level for as long as it lasts, at most once per this many seconds.
 LOGIN_WARNING_INTERVAL = 60.0
-# AMQP's reply code for a refused login (connection.close 403 ACCESS_REFUSED).
-_ACCESS_REFUSED = 403
-
-
 # kombu's virtual transports poll their queues, once a second by default: too slow for the
 # in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
 MEMORY_POLL_INTERVAL = 0.02
@@ -109,7 +107,7 @@ def _access_refused(exc: BaseException) -> bool:
     for _ in range(5):  # a short chain: a cycle must not loop
         if seen is None:
             return False
-        if getattr(seen, "reply_code", None) == _ACCESS_REFUSED or "ACCESS_REFUSED" in str(seen):
+        if reply_code(seen) == ACCESS_REFUSED or "ACCESS_REFUSED" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -121,9 +119,7 @@ def _bound_replies(conn: Any, seconds: float) -> None:
     py-amqp waits for a reply with no timeout of its own; its timed drains set and restore the
     socket timeout around themselves, so they are unaffected. Virtual transports have no socket.
     """
-    sock = getattr(conn.connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
+    set_socket_timeout(conn, seconds)
 
 
 class Consumer(ConsumerMixin):
@@ -259,6 +255,8 @@ class Consumer(ConsumerMixin):
 
     # kombu ConsumerMixin hooks
 
+    # Replaces kombu's own, which consume() opens every connection through (relied on as of
+    # kombu 5.7.0; see amqp_adapter and its test).
     @contextmanager
     def establish_connection(self) -> Iterator[Any]:
         conn = self.create_connection()  # type: ignore[no-untyped-call]
@@ -312,8 +310,7 @@ class Consumer(ConsumerMixin):
     def get_consumers(self, make_consumer: Callable[..., Any], channel: Any) -> list[Any]:
         # py-amqp decodes bodies that carry a content_encoding into str; PROTOCOL §5 forwards
         # bodies as published, so keep them as the bytes that arrived.
-        if hasattr(channel, "auto_decode"):
-            channel.auto_decode = False
+        keep_bodies_raw(channel)
         # Server-named (amq.gen-*), so each worker gets every message, and new on every connection:
         # re-declaring an amq.* name is refused by RabbitMQ. x-max-length bounds the broker-side
         # backlog when publishers outpace us; overflow drops the oldest message.

@@ -5,7 +5,8 @@ masked (RFC 6455 §5.1), so one encoded frame serves every subscriber of a messa
 
 Inbound frames are parsed by wsproto's sans-I/O ``FrameProtocol`` (maintained, RFC-checked): it
 unmasks, reassembles fragments, validates UTF-8 incrementally and close payloads, and reports
-violations with the close code the RFC names. We add the message size limit it lacks.
+violations with the close code the RFC names. We add the message size limit it lacks. It is not
+wsproto's public API, so it is reached only through wsproto_adapter.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
-
 from ranger_py.errors import CloseCode, CloseConnection
+from ranger_py.wsproto_adapter import Opcode, ParseFailed, new_parser, parser_idle
 
 __all__ = [
     "PING",
@@ -108,7 +108,7 @@ class FrameReader:
     __slots__ = ("_failed", "_max_size", "_parts", "_protocol", "_size")
 
     def __init__(self, max_size: int) -> None:
-        self._protocol = FrameProtocol(client=False, extensions=[])
+        self._protocol = new_parser()
         self._max_size = max_size
         self._parts: list[str | bytes] = []
         self._size = 0
@@ -118,13 +118,12 @@ class FrameReader:
     def idle(self) -> bool:
         """No partial frame or message held: the reader can be dropped and made anew later.
 
-        Reads wsproto's decoder state (pinned 1.3.2; ``test_frames`` checks this) so that an idle
-        connection keeps no parser at all: ~1 KB each, the largest part of its footprint.
+        Asks wsproto's private decoder state (see wsproto_adapter) so that an idle connection
+        keeps no parser at all: ~1 KB each, the largest part of its footprint.
         """
         if self._failed:
             return False  # kept, so that what follows the violation is never parsed again
-        decoder = self._protocol._frame_decoder
-        return not self._parts and decoder.header is None and not len(decoder.buffer)
+        return not self._parts and parser_idle(self._protocol)
 
     def feed(self, data: bytes) -> Iterator[Event]:
         """Yield the events ``data`` completes, lazily: those before a violation still count.
@@ -150,7 +149,7 @@ class FrameReader:
     def _fail(self) -> None:
         self._failed = True
         self._parts = []
-        self._protocol = FrameProtocol(client=False, extensions=[])  # lets the old buffer go
+        self._protocol = new_parser()  # lets the old buffer go
 
     def _event(self, opcode: Opcode, payload: object, finished: bool) -> Event | None:
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:

@@ -12,9 +12,8 @@ from base64 import b64decode
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from wsproto.utilities import generate_accept_token
-
 from ranger_py.errors import HandshakeError
+from ranger_py.wsproto_adapter import accept_token
 
 __all__ = ["accept_key", "check_origin", "is_upgrade", "switching_protocols"]
 
@@ -46,7 +45,7 @@ def accept_key(environ: Mapping[str, object]) -> bytes:
         valid = False
     if not valid:
         raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
-    return generate_accept_token(key.encode("ascii"))
+    return accept_token(key.encode("ascii"))
 
 
 def check_origin(allowed: tuple[str, ...] | None, origin: str | None, host: str) -> None:

@@ -27,6 +27,7 @@ from ranger_py.consumer import Consumer
 from ranger_py.demo import WorkerFeed
 from ranger_py.errors import CloseCode
 from ranger_py.frames import encode_text
+from ranger_py.gevent_adapter import Watcher, callback_scheduler, hub_loop, repeating_timer
 from ranger_py.metrics import WorkerMetrics
 from ranger_py.protocol import StreamKind
 from ranger_py.router import Delivery, Router
@@ -60,7 +61,8 @@ class Hub:
             max_increments=config.orderbook_max_increments,
             on_change=self._subscription_changed,
         )
-        self.loop: Any = gevent.get_hub().loop
+        self.loop: Any = hub_loop()
+        self._schedule = callback_scheduler(self.loop)
         self.connections: set[WebSocket] = set()
         self.dirty: list[WebSocket] = []
         self.max_message_size = config.max_message_size
@@ -77,7 +79,7 @@ class Hub:
         self._since_yield = 0
         self._yield_every = max(1, min(_YIELD_EVERY, config.send_queue_size // 2))
         self._ids = itertools.count(1)
-        self._sweeper: Any = None
+        self._sweeper: Watcher | None = None
         self._consumer_greenlet: gevent.Greenlet | None = None
         self.accepting = True
 
@@ -87,8 +89,7 @@ class Hub:
         self._consumer_greenlet = gevent.spawn(self.consumer.run_forever)
         if self.demo is not None:
             gevent.spawn(self.demo.run_forever, lambda: self.consumer.ready)
-        self._sweeper = self.loop.timer(_SWEEP_INTERVAL, _SWEEP_INTERVAL)
-        self._sweeper.start(self._sweep)
+        self._sweeper = repeating_timer(self.loop, _SWEEP_INTERVAL, self._sweep)
 
     def shutdown(self, timeout: float) -> None:
         """Close every client with 1001 and stop consuming; returns within ``timeout``."""
@@ -211,7 +212,7 @@ class Hub:
                 metrics.observe_fanout(perf_counter() - start)
                 if self.dirty and not self._flush_pending:
                     self._flush_pending = True
-                    self.loop.run_callback(self._flush)
+                    self._schedule(self._flush)
         else:
             reason = outcome.reason  # type: ignore[union-attr]
             metrics.dropped[reason] = metrics.dropped.get(reason, 0) + 1
@@ -223,7 +224,7 @@ class Hub:
     def request_flush(self) -> None:
         if not self._flush_pending:
             self._flush_pending = True
-            self.loop.run_callback(self._flush)
+            self._schedule(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False

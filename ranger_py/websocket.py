@@ -38,6 +38,7 @@ from ranger_py.frames import (
     encode_pong,
     encode_text,
 )
+from ranger_py.gevent_adapter import Watcher, close_watcher, read_watcher, write_watcher
 
 __all__ = ["Owner", "State", "WebSocket"]
 
@@ -124,9 +125,8 @@ class WebSocket:
         self._blocked_since = 0.0
         self._close_deadline = 0.0
         self.last_seen = self.last_ping = time.monotonic()
-        self._write_watcher: Any = None
-        self._read_watcher: Any = owner.loop.io(sock.fileno(), 1)
-        self._read_watcher.start(self._on_readable)
+        self._write_watcher: Watcher | None = None
+        self._read_watcher = read_watcher(owner.loop, sock.fileno(), self._on_readable)
 
     # -- inbound -----------------------------------------------------------------------------
 
@@ -254,8 +254,7 @@ class WebSocket:
         # The write deadline counts time without progress, not the age of the backlog.
         if sent or not self._blocked_since:
             self._blocked_since = time.monotonic()
-        watcher = self._write_watcher = self._owner.loop.io(self.sock.fileno(), 2)
-        watcher.start(self._on_writable)
+        self._write_watcher = write_watcher(self._owner.loop, self.sock.fileno(), self._on_writable)
 
     def _drained(self) -> None:
         self._partial = False
@@ -280,8 +279,7 @@ class WebSocket:
     def _on_writable(self) -> None:
         watcher, self._write_watcher = self._write_watcher, None
         if watcher is not None:
-            watcher.stop()
-            watcher.close()
+            close_watcher(watcher)
         self.flush()
 
     # -- closing -----------------------------------------------------------------------------
@@ -327,8 +325,7 @@ class WebSocket:
         self._limit = 0
         for watcher in (self._read_watcher, self._write_watcher):
             if watcher is not None:
-                watcher.stop()
-                watcher.close()
+                close_watcher(watcher)
         self._write_watcher = None
         self._out.clear()
         self._queued = 0
