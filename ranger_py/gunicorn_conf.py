@@ -5,10 +5,11 @@
 reads the settings as module globals and calls the hooks in the master.
 
 Every value comes from ranger_py.config, the one reader of the environment, so an invalid variable
-stops startup here with a message naming it (every invalid one, not only the first). The hooks run
-the metrics endpoint in the master, so one scrape reports every worker; check that the listen port
-is free before gunicorn tries it (one line instead of five retries); and make Ctrl-C (SIGINT) the
-graceful stop SIGTERM is, so clients are closed with 1001.
+stops startup here with a message naming it (every invalid one, not only the first). The hooks bind
+the metrics port in the master and run the endpoint in a process of its own
+(ranger_py.metrics_server), so one scrape reports every worker and the master, which forks, runs no
+thread; check that the listen port is free before gunicorn tries it (one line instead of five
+retries); and make Ctrl-C (SIGINT) the graceful stop SIGTERM is, so clients are closed with 1001.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "logconfig_dict",
     "loglevel",
     "on_exit",
+    "on_reload",
     "on_starting",
     "post_fork",
     "post_worker_init",
@@ -123,26 +125,29 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
-def _abort(server: Any, message: str) -> NoReturn:
+def _abort(message: str) -> NoReturn:
     """Stop a start that cannot succeed: one line, and no metrics directory left behind."""
-    if server.ranger_metrics_dir_is_ours:
-        shutil.rmtree(server.ranger_metrics_dir, ignore_errors=True)
+    from ranger_py import metrics_server  # noqa: PLC0415
+
+    endpoint = metrics_server.current()
+    if endpoint is not None:
+        endpoint.stop()
+    elif _metrics_dir_is_ours:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     sys.exit(message)
 
 
-# The hooks keep their state on gunicorn's arbiter (`server`): a HUP reload runs this file again
-# as a fresh module, and the metrics endpoint and its directory must outlive that.
+# A HUP reload runs this file again as a fresh module: the metrics endpoint's handle (and whether
+# the value directory is ours) is kept by ranger_py.metrics_server, which stays imported.
 
 
 def on_starting(server: Any) -> None:
-    from ranger_py import metrics  # noqa: PLC0415 (after PROMETHEUS_MULTIPROC_DIR is set)
+    from ranger_py import metrics, metrics_server  # noqa: PLC0415 (after PROMETHEUS_MULTIPROC_DIR)
 
     for variable, value, _ in _config.describe():
         server.log.info("config %s=%s", variable, value)  # secrets are masked by describe()
     for warning in _config.warnings():
         server.log.warning("%s", warning)
-    server.ranger_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    server.ranger_metrics_dir_is_ours = _metrics_dir_is_ours
     # gunicorn's SIGINT is a quick stop: workers exit at once and clients see the TCP connection
     # drop. Ctrl-C takes SIGTERM's graceful path instead (every client closed with 1001); a second
     # Ctrl-C during that stop still makes gunicorn hurry.
@@ -151,30 +156,58 @@ def on_starting(server: Any) -> None:
     if not (server.master_pid or systemd.listen_fds(False)):
         problem = _cannot_listen(_config.host, _config.port)
         if problem is not None:
-            _abort(
-                server,
-                f"ranger-py: cannot listen on {bind[0]} (RANGER_HOST/RANGER_PORT): {problem}",
-            )
-    metrics.clear_directory(server.ranger_metrics_dir)
+            _abort(f"ranger-py: cannot listen on {bind[0]} (RANGER_HOST/RANGER_PORT): {problem}")
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    metrics.clear_directory(directory)
+    # Bound here, before anything else starts: a busy port is one line naming the variables.
     try:
-        server.ranger_metrics = metrics.MetricsServer(
-            _config.metrics_host, _config.metrics_port, lambda: list(server.WORKERS)
+        metrics_server.claim(
+            _config.metrics_host, _config.metrics_port, directory, _metrics_dir_is_ours
         )
     except OSError as exc:
         _abort(
-            server,
             f"ranger-py: cannot serve metrics on {_config.metrics_host}:{_config.metrics_port}"
-            f" (METRICS_HOST/METRICS_PORT): {exc.strerror}",
+            f" (METRICS_HOST/METRICS_PORT): {exc.strerror}"
         )
 
 
+def _start_metrics_endpoint(server: Any) -> None:
+    from ranger_py import metrics_server  # noqa: PLC0415
+
+    endpoint = metrics_server.current()
+    assert endpoint is not None, "on_starting claims it"
+    try:
+        pid = endpoint.start(_config.log_level, _config.log_format)
+    except metrics_server.EndpointFailed as exc:
+        _abort(f"ranger-py: {exc}")
+    server.log.info("metrics on http://%s:%d/metrics (pid %d)", endpoint.host, endpoint.port, pid)
+
+
 def when_ready(server: Any) -> None:
-    server.ranger_metrics.start()
-    server.log.info("metrics on http://%s:%d/metrics", _config.metrics_host, _config.metrics_port)
+    # Before gunicorn forks the first worker.
+    _start_metrics_endpoint(server)
+
+
+def on_reload(server: Any) -> None:
+    from ranger_py import metrics, metrics_server  # noqa: PLC0415
+
+    # The endpoint survives a reload as it is; one that died is started again, as workers are.
+    endpoint = metrics_server.current()
+    if endpoint is not None and not endpoint.alive():
+        server.log.warning(
+            "the metrics endpoint (pid %s) had exited; starting it again", endpoint.pid
+        )
+        if endpoint.pid is not None:
+            metrics.mark_worker_dead(endpoint.pid)
+        _start_metrics_endpoint(server)
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    server.ranger_metrics.close_in_child()
+    from ranger_py import metrics_server  # noqa: PLC0415
+
+    endpoint = metrics_server.current()
+    if endpoint is not None:
+        endpoint.close_in_child()
 
 
 def post_worker_init(worker: Any) -> None:
@@ -192,8 +225,8 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    metrics_server = getattr(server, "ranger_metrics", None)
-    if metrics_server is not None:
-        metrics_server.stop()
-    if getattr(server, "ranger_metrics_dir_is_ours", False):
-        shutil.rmtree(server.ranger_metrics_dir, ignore_errors=True)
+    from ranger_py import metrics_server  # noqa: PLC0415
+
+    endpoint = metrics_server.current()
+    if endpoint is not None:
+        endpoint.stop()  # also removes the value directory if this server made it

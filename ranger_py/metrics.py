@@ -3,9 +3,11 @@
 A server is a gunicorn master and its workers, and one scrape must report all of it. This is
 prometheus_client's multiprocess mode: every process writes its values to memory-mapped files in
 ``PROMETHEUS_MULTIPROC_DIR`` (set by gunicorn.conf.py before this module is imported) and the
-master's endpoint sums them. Gauges sum over live workers only (``livesum``), counters over every
-worker that ever ran. The master adds what the files cannot carry: ``process_*`` for the whole
-process tree, ``python_info``, and its own ``promhttp_*`` request counters.
+metrics endpoint, a process of its own (ranger_py.metrics_server), sums them. Gauges sum over live
+workers only (``livesum``), counters over every worker that ever ran. The endpoint adds what the
+files cannot carry: ``process_*`` for the master and its workers, ``python_info``, and its own
+``promhttp_*`` request counters. The gunicorn master writes no value: it forks workers, and a
+value's lock held by another thread at a fork would stay held forever in the child.
 
 The names Rango's dashboards use are kept (``rango_hub_*``, ``promhttp_*``, ``process_*``), and so
 are Ruby Ranger's (``ranger_connections_*``, ``ranger_subscriptions_current``); ours also start with
@@ -16,13 +18,11 @@ are Ruby Ranger's (``ranger_connections_*``, ``ranger_subscriptions_current``); 
 from __future__ import annotations
 
 import gc
+import glob
 import os
-import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,10 +38,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 __all__ = [
-    "MetricsServer",
+    "ProcessTreeCollector",
     "SafeLabels",
+    "SettledFiles",
     "WorkerMetrics",
+    "child_pids",
     "clear_directory",
+    "endpoint_app",
     "mark_worker_dead",
     "safe_label",
 ]
@@ -266,7 +269,34 @@ class WorkerMetrics:
                     seen[key] = now[key]
 
 
-# -- the master's side -----------------------------------------------------------------------
+# -- the endpoint's side ---------------------------------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of process ``pid`` (none if it is gone), as Linux's /proc lists them.
+
+    ``/proc/<pid>/task/<pid>/children`` lists the children of the main thread, which is the
+    thread gunicorn's master forks from; a kernel built without that file is scanned instead.
+    """
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            return []
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
 
 
 def _process_collector(pid: int) -> ProcessCollector:
@@ -274,10 +304,11 @@ def _process_collector(pid: int) -> ProcessCollector:
 
 
 class ProcessTreeCollector(Collector):
-    """``process_*`` for the whole server: the master plus every worker, summed.
+    """``process_*`` for the whole server: the master plus its children (the workers), summed.
 
     prometheus_client's ProcessCollector reads one pid; a dashboard built on Rango's single
-    process expects the server's total, so memory, CPU and fds are added up over the tree.
+    process expects the server's total, so memory, CPU and fds are added up over the tree. The
+    children are read at every scrape, so a respawned worker counts from its first second.
     """
 
     _SUMMED = (
@@ -287,14 +318,15 @@ class ProcessTreeCollector(Collector):
         "process_open_fds",
     )
 
-    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
-        self._pids = pids
+    def __init__(self, master: int, children: Callable[[int], Iterable[int]] = child_pids) -> None:
+        self._master = master
+        self._children = children
 
     def collect(self) -> Iterator[Metric]:
-        master = os.getpid()
+        master = self._master
         totals: dict[str, float] = dict.fromkeys(self._SUMMED, 0.0)
         own: dict[str, float] = {}
-        for pid in {master, *self._pids()}:
+        for pid in {master, *self._children(master)}:
             for family in _process_collector(pid).collect():
                 for sample in family.samples:
                     if family.name in totals:
@@ -344,69 +376,76 @@ class SafeLabels(Collector):
             yield metric
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class SettledFiles(Collector):
+    """prometheus_client's multiprocess sum, over the value files that have their header.
 
+    A starting process creates its file empty and then sizes it; prometheus_client's collector
+    fails the whole scrape (struct.error, a 500) on a file caught in between. Such a file holds
+    no value yet, so it is left out; once sized, a file never shrinks.
+    """
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes every few seconds would drown the log
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
 
-
-class MetricsServer:
-    """The metrics endpoint, run by the gunicorn master on a thread: any path answers."""
-
-    def __init__(self, host: str, port: int, worker_pids: Callable[[], Iterable[int]]) -> None:
-        registry = CollectorRegistry()
-        registry.register(
-            SafeLabels(multiprocess.MultiProcessCollector(None))  # type: ignore[no-untyped-call]
-        )
-        registry.register(ProcessTreeCollector(worker_pids))
-        PlatformCollector(registry=registry)  # python_info, in place of Go's go_info
-        self._in_flight = Gauge(
-            "promhttp_metric_handler_requests_in_flight",
-            "Current number of scrapes being served.",
-            multiprocess_mode="livesum",
-            registry=None,
-        )
-        self._requests = Counter(
-            "promhttp_metric_handler_requests",
-            "Total number of scrapes by HTTP status code.",
-            ["code"],
-            registry=None,
-        )
-        metrics_app = make_wsgi_app(registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            status = ["500"]
-
-            def recording_start_response(code: str, *args: Any) -> Any:
-                status[0] = code.split(" ", 1)[0]
-                return start_response(code, *args)
-
-            # Rango counts a scrape as in flight while it is produced, then by its status.
-            self._in_flight.inc()
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._directory, "*.db")):
             try:
-                return list(metrics_app(environ, recording_start_response))
-            finally:
-                self._in_flight.dec()
-                self._requests.labels(status[0]).inc()
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:
+                pass  # a dead process's live gauges, removed since the glob
+        merge = multiprocess.MultiProcessCollector.merge
+        merged: Iterable[Metric] = merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
-        self._httpd = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="metrics", daemon=True
-        )
 
-    def start(self) -> None:
-        self._thread.start()
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-    def close_in_child(self) -> None:
-        """A forked worker must not keep the metrics port open (it never serves it)."""
-        self._httpd.socket.close()
 
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+def endpoint_app(master: int, directory: str) -> WsgiApp:
+    """The scrape answer for the server whose gunicorn master is ``master``: any path.
+
+    ``directory`` is the server's ``PROMETHEUS_MULTIPROC_DIR``.
+
+    Called in the metrics endpoint's own process (ranger_py.metrics_server), which never forks:
+    its scrape counters are multiprocess values, and those may only be written from threads in
+    a process that forks no more.
+    """
+    registry = CollectorRegistry()
+    registry.register(SafeLabels(SettledFiles(directory)))
+    registry.register(ProcessTreeCollector(master))
+    PlatformCollector(registry=registry)  # python_info, in place of Go's go_info
+    in_flight = Gauge(
+        "promhttp_metric_handler_requests_in_flight",
+        "Current number of scrapes being served.",
+        multiprocess_mode="livesum",
+        registry=None,
+    )
+    requests = Counter(
+        "promhttp_metric_handler_requests",
+        "Total number of scrapes by HTTP status code.",
+        ["code"],
+        registry=None,
+    )
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        status = ["500"]
+
+        def recording_start_response(code: str, *args: Any) -> Any:
+            status[0] = code.split(" ", 1)[0]
+            return start_response(code, *args)
+
+        # Rango counts a scrape as in flight while it is produced, then by its status.
+        in_flight.inc()
+        try:
+            return list(metrics_app(environ, recording_start_response))
+        finally:
+            in_flight.dec()
+            requests.labels(status[0]).inc()
+
+    return app
 
 
 def clear_directory(path: str) -> None:
@@ -417,5 +456,8 @@ def clear_directory(path: str) -> None:
 
 
 def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (its counters keep counting in the totals)."""
+    """Drop a dead process's live gauges (its counters keep counting in the totals).
+
+    Only removes files: the gunicorn master calls it, and the master writes no value.
+    """
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ranger_py.metrics import (
@@ -20,7 +23,9 @@ from ranger_py.metrics import (
     OTHER_TOPIC,
     ProcessTreeCollector,
     SafeLabels,
+    SettledFiles,
     WorkerMetrics,
+    child_pids,
     safe_label,
 )
 
@@ -181,10 +186,11 @@ def test_process_tree_sums_memory_over_master_and_workers() -> None:
         stdin=subprocess.PIPE,
     )
     try:
-        alone = exposition(ProcessTreeCollector(lambda: []))
+        master = os.getpid()
+        alone = exposition(ProcessTreeCollector(master, lambda pid: []))
         deadline = time.monotonic() + 10
         while True:
-            both = exposition(ProcessTreeCollector(lambda: [child.pid]))
+            both = exposition(ProcessTreeCollector(master, child_pids))
             extra = sample(both, "process_resident_memory_bytes") - sample(
                 alone, "process_resident_memory_bytes"
             )
@@ -199,6 +205,19 @@ def test_process_tree_sums_memory_over_master_and_workers() -> None:
         assert os.getpid() != child.pid
     finally:
         child.communicate(b"")
+
+
+def test_child_pids_lists_the_children_of_a_process() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert child.pid in child_pids(os.getpid())
+        assert child_pids(child.pid) == []
+    finally:
+        child.communicate(b"")
+    assert child.pid not in child_pids(os.getpid())
+    assert child_pids(2**22 + 1) == []  # above pid_max: no such process
 
 
 HOSTILE_NAMES = ["\ud800.x", "a\nb.trades", "\x00.x", "z" * 256, "zero\u200bwidth.x"]
@@ -243,3 +262,11 @@ def test_the_exposition_survives_a_label_value_that_has_no_utf8_form() -> None:
     text = exposition(SafeLabels(_Hostile()))  # type: ignore[arg-type]
     assert sample(text, f'g{{topic="{INVALID_LABEL}"}}') == 1
     assert sample(text, 'g{topic="fine.x"}') == 2
+
+
+def test_a_value_file_not_sized_yet_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    # What a starting worker leaves for an instant: its file created, still empty.
+    (tmp_path / "counter_12345.db").write_bytes(b"")
+    with pytest.raises(struct.error):
+        exposition(multiprocess.MultiProcessCollector(None, path=str(tmp_path)))
+    assert exposition(SettledFiles(str(tmp_path))) == ""
