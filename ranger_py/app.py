@@ -1,9 +1,10 @@
-"""The WSGI application: plain HTTP answers, websocket upgrades, and the wiring of one worker.
+"""The WSGI application: plain HTTP answers and websocket upgrades.
 
 gunicorn parses each request in a short-lived greenlet. An upgrade is validated and
 authenticated here, answered with 101 on the raw socket, and the socket is then *handed over*
-to the hub (``HANDED_OVER``): the request greenlet ends, so an idle websocket keeps no greenlet
-(PROTOCOL §2). Everything else gets a short plain HTTP answer.
+to the worker's gateway (``HANDED_OVER``): the request greenlet ends, so an idle websocket keeps
+no greenlet (PROTOCOL §2). Everything else gets a short plain HTTP answer. What the app needs of
+the gateway is :class:`Backend`; ranger_py.gateway builds both and wires them.
 """
 
 from __future__ import annotations
@@ -12,23 +13,22 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 from ranger_py.auth import ANONYMOUS, Auth, Authenticator
 from ranger_py.config import Config
 from ranger_py.errors import AuthError, HandshakeError
 from ranger_py.handshake import accept_key, check_origin, is_upgrade, switching_protocols
-from ranger_py.hub import Hub
 from ranger_py.logs import RateLimitedLog
 from ranger_py.protocol import streams_from_query
 
-__all__ = ["HANDED_OVER", "App", "create_app"]
+__all__ = ["HANDED_OVER", "App", "Backend"]
 
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
 
-# Returned instead of a body when the socket now belongs to the hub; ranger_py.worker turns it
+# Returned instead of a body when the socket now belongs to the gateway; ranger_py.worker turns it
 # into "stop serving this socket, do not close it".
 HANDED_OVER: list[bytes] = []
 
@@ -37,14 +37,42 @@ def _status(code: int) -> str:
     return f"{code} {HTTPStatus(code).phrase}"
 
 
+class Backend(Protocol):
+    """What the app asks of the worker's gateway (ranger_py.gateway.Gateway)."""
+
+    @property
+    def accepting(self) -> bool: ...  # False once the worker is stopping
+
+    @property
+    def full(self) -> bool: ...  # RANGER_MAX_CONNECTIONS reached
+
+    @property
+    def ready(self) -> bool: ...  # /readyz: would take a websocket now
+
+    @property
+    def status(self) -> str: ...  # why not, for /readyz
+
+    def attach(
+        self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
+    ) -> object: ...
+
+    def auth_failed(self, reason: str) -> None: ...
+
+    def shutdown(self, timeout: float) -> None: ...
+
+
 class App:
     """One worker's WSGI callable."""
 
-    def __init__(self, config: Config, hub: Hub, authenticator: Authenticator) -> None:
+    def __init__(self, config: Config, backend: Backend, authenticator: Authenticator) -> None:
         self.config = config
-        self.hub = hub
+        self.backend = backend
         self.authenticator = authenticator
         self._refusals = RateLimitedLog(log)
+
+    def close(self, timeout: float) -> None:
+        """Stop what the app handed over: every websocket gets 1001 (ranger_py.worker)."""
+        self.backend.shutdown(timeout)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -86,10 +114,10 @@ class App:
         if path == "/readyz":
             # Ready means this worker would take a websocket now: consuming, not stopping, not
             # full (a load balancer must stop sending clients to a worker that answers 503).
-            if self.hub.ready:
+            if self.backend.ready:
                 return self._json(start_response, 200, {"status": "ready"})
             return self._json(
-                start_response, 503, {"status": "unavailable", "reason": self.hub.status}
+                start_response, 503, {"status": "unavailable", "reason": self.backend.status}
             )
         raise HandshakeError(400, "this endpoint only serves websocket upgrades")
 
@@ -106,21 +134,17 @@ class App:
         check_origin(
             self.config.cors_origins, environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", "")
         )
-        if not self.hub.accepting:
+        if not self.backend.accepting:
             raise HandshakeError(503, "server is shutting down")
-        if self.hub.full:
+        if self.backend.full:
             raise HandshakeError(503, "too many connections")
-        echo = self.config.echo_path is not None and path == self.config.echo_path
-        auth = ANONYMOUS if echo else self._authenticate(path, environ.get("HTTP_AUTHORIZATION"))
-        streams = [] if echo else streams_from_query(environ.get("QUERY_STRING", ""))
+        auth = self._authenticate(path, environ.get("HTTP_AUTHORIZATION"))
+        streams = streams_from_query(environ.get("QUERY_STRING", ""))
 
-        # gunicorn's socket object lets go; the fd is the hub's now. The 101 goes out in the same
-        # send as the first frames (one syscall, no gevent wrapper on the way).
+        # gunicorn's socket object lets go; the fd is the gateway's now. The 101 goes out in the
+        # same send as the first frames (one syscall, no gevent wrapper on the way).
         fd = environ["gunicorn.socket"].detach()
-        if echo:
-            self.hub.attach_echo(fd, switching_protocols(accept))
-        else:
-            self.hub.attach(fd, switching_protocols(accept), auth, path, streams)
+        self.backend.attach(fd, switching_protocols(accept), auth, path, streams)
         return HANDED_OVER
 
     def _authenticate(self, path: str, header: str | None) -> Auth:
@@ -132,19 +156,8 @@ class App:
         try:
             return self.authenticator.authenticate(header)
         except AuthError as exc:
-            self.hub.metrics.auth_failures.labels(exc.reason).inc()
+            self.backend.auth_failed(exc.reason)
             if required:
                 raise HandshakeError(401, f"Authorization failed: {exc.reason}") from None
             log.debug("optional auth failed on %s: %s", path, exc.reason)
             return ANONYMOUS
-
-
-def create_app() -> App:
-    """Build one worker's app; gunicorn calls this in each worker after gevent has patched."""
-    config = Config.load()
-    authenticator = Authenticator.from_config(config)
-    if not authenticator.enabled:
-        log.warning("JWT_PUBLIC_KEY is not set: /private answers 401 and every client is anonymous")
-    hub = Hub(config)
-    hub.start()
-    return App(config, hub, authenticator)

@@ -284,15 +284,6 @@ class _Switch(Parser):
             raise self.reject(variable, raw) from None
 
 
-class _Path(Parser):
-    accepts = 'a URL path starting with "/", without spaces'
-
-    def __call__(self, variable: str, raw: str) -> str:
-        if not raw.startswith("/") or any(char.isspace() for char in raw):
-            raise self.reject(variable, raw)
-        return raw
-
-
 _LOG_LEVEL = _Choice(LOG_LEVELS)
 _PORT = _Integer(1, 65535)
 _COUNT = _Integer(1)
@@ -533,9 +524,6 @@ class Config:
     )
     queue_max_length: int = _setting(
         "RANGER_QUEUE_MAX_LENGTH", 100000, _COUNT, "x-max-length of each worker's broker queue"
-    )
-    echo_path: str | None = _setting(
-        "RANGER_ECHO_PATH", None, _Path(), "testing only: this path serves an echo websocket"
     )
     demo: bool = _setting(
         "RANGER_DEMO",

@@ -2,50 +2,78 @@
 
 The transport is ``WebSocket``; this class adds what the client says and hears (PROTOCOL §4):
 ``ping``, subscribe and unsubscribe requests answered through the router, error replies for
-everything else. The router keeps the subscriptions; the connection only carries ``auth``.
+everything else, and the client's own bookkeeping: one log line when it opens and one when it
+closes, its connection counts, and its subscriptions dropped from the router once it is gone.
+The router keeps the subscriptions; the connection only carries ``auth``.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
-from typing import Protocol, cast
+from typing import Protocol
 
 from ranger_py.auth import Auth
 from ranger_py.errors import ClientError, UnparsableMessage
-from ranger_py.frames import encode_binary, encode_text
 from ranger_py.protocol import PONG, parse_request
 from ranger_py.router import Router
 from ranger_py.websocket import Owner, WebSocket
 
-__all__ = ["Connection", "EchoConnection", "Hub"]
+__all__ = ["Connection", "ConnectionMetrics"]
+
+log = logging.getLogger(__name__)
 
 
-class Hub(Owner, Protocol):
-    router: Router
+class ConnectionMetrics(Protocol):
+    """Where connections are counted (ranger_py.metrics.WorkerMetrics)."""
+
+    def connection_opened(self, authenticated: bool) -> None: ...
+
+    def connection_closed(self, authenticated: bool) -> None: ...
 
 
 class Connection(WebSocket):
     """A client of the gateway: authenticated (or not) once, at connect."""
 
-    __slots__ = ("auth", "path")
+    __slots__ = ("_metrics", "_router", "auth", "path")
 
     def __init__(
         self,
-        hub: Hub,
+        owner: Owner,
         sock: socket.socket,
         conn_id: int,
         *,
         auth: Auth,
         path: str,
-        queue_limit: int,
+        router: Router,
+        metrics: ConnectionMetrics,
     ) -> None:
-        super().__init__(hub, sock, conn_id, queue_limit=queue_limit)
+        super().__init__(owner, sock, conn_id)
         self.auth = auth
         self.path = path
+        self._router = router
+        self._metrics = metrics
 
-    @property
-    def _router(self) -> Router:
-        return cast(Hub, self._owner).router
+    def open(self, streams: list[str]) -> None:
+        """Greet the client: its ``?stream=`` subscription's reply, flushed with the 101."""
+        self._metrics.connection_opened(bool(self.auth.uid))
+        log.info("connection %d open path=%s uid=%s", self.id, self.path, self.auth.uid or "-")
+        # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
+        self.subscribe(streams)
+        self.flush()
+
+    def on_closed(self, reason: str) -> None:
+        self._router.remove(self)
+        self._metrics.connection_closed(bool(self.auth.uid))
+        note = f" (close {self.close_note})" if self.close_note else ""
+        log.info(
+            "connection %d closed path=%s uid=%s: %s%s",
+            self.id,
+            self.path,
+            self.auth.uid or "-",
+            reason,
+            note,
+        )
 
     def subscribe(self, streams: list[str]) -> None:
         """Subscribe as a ``subscribe`` request would (the ``?stream=`` list at connect)."""
@@ -77,20 +105,3 @@ class Connection(WebSocket):
             self.subscribe(list(request.streams))
         else:
             self.send(self._router.unsubscribe(self, request.streams))
-
-
-class EchoConnection(WebSocket):
-    """Echoes every message back as it came (text as text, binary as binary).
-
-    Only for the RFC 6455 conformance suite (``RANGER_ECHO_PATH``): it exercises the transport
-    without the gateway's rules on top.
-    """
-
-    __slots__ = ()
-
-    def on_message(self, data: str | bytes) -> None:
-        if isinstance(data, str):
-            self.queue(encode_text(data.encode("utf-8")))
-        else:
-            self.queue(encode_binary(data))
-        self._owner.request_flush()

@@ -31,6 +31,7 @@ __all__ = [
     "read_watcher",
     "repeating_timer",
     "write_watcher",
+    "yield_to_loop",
 ]
 
 READ = 1  # libev's EV_READ: the fd has bytes to read (or EOF)
@@ -86,3 +87,8 @@ def callback_scheduler(loop: Any) -> Callable[[Callable[[], None]], object]:
     """
     schedule: Callable[[Callable[[], None]], object] = loop.run_callback
     return schedule
+
+
+def yield_to_loop() -> None:
+    """Let the loop run every other ready callback and greenlet, then come back."""
+    gevent.sleep(0)

@@ -89,7 +89,7 @@ _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 workers = _config.workers
 worker_class = "ranger_py.worker.RangerWorker"
-wsgi_app = "ranger_py.app:create_app()"
+wsgi_app = "ranger_py.gateway:create_app()"
 # Each worker must build its own hub and consumer after gevent has patched the process.
 preload_app = False
 # Several instances on one host must not fight over gunicorn's control socket (it

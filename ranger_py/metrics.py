@@ -77,7 +77,8 @@ _GC_KEYS = ("collections", "collected", "uncollectable")
 class WorkerMetrics:
     """One worker's metrics. Counters the hot path bumps are plain ints until ``flush``."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_reasons: Iterable[str] = ()) -> None:
+        """``drop_reasons``: every ``reason`` of dropped messages, shown at 0 from the start."""
         self.clients = Gauge(
             "rango_hub_clients_count",
             "Number of clients currently connected",
@@ -132,12 +133,14 @@ class WorkerMetrics:
             ["reason"],
             registry=None,
         )
-        self.slow_clients = Counter(
+        for reason in drop_reasons:
+            self._dropped.labels(reason)
+        self._slow_clients = Counter(
             "ranger_slow_client_disconnects",
             "Clients closed with 1008 because their send queue was full",
             registry=None,
         )
-        self.auth_failures = Counter(
+        self._auth_failures = Counter(
             "ranger_auth_failures", "Refused bearer tokens, by reason", ["reason"], registry=None
         )
         self._reconnects = Counter(
@@ -186,6 +189,14 @@ class WorkerMetrics:
         # Per stream: its rango_hub_subscriptions_count and ranger_subscriptions_current children.
         self._topics: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
         self._other_topics: dict[str, tuple[Gauge, Gauge]] = {}
+
+    def slow_client(self) -> None:
+        """A client was closed with 1008 because its send queue was full."""
+        self._slow_clients.inc()
+
+    def auth_failure(self, reason: str) -> None:
+        """A bearer token was refused for ``reason`` (ranger_py.auth's fixed texts)."""
+        self._auth_failures.labels(reason).inc()
 
     def observe_fanout(self, seconds: float) -> None:
         self._fanout_counts[bisect_left(FANOUT_BUCKETS, seconds)] += 1

@@ -89,7 +89,7 @@ class Delivery:
 
 
 DROP_REASONS: Final = ("bad_routing_key", "bad_json", "no_snapshot", "book_overflow")
-"""Every :attr:`Dropped.reason`, fixed so metrics can pre-create their label values.
+"""Every :attr:`Dropped.reason`: the worker's metrics show each one from the start, at 0.
 
 * ``bad_routing_key``: not one of the §5 shapes.
 * ``bad_json``: the body is not UTF-8 JSON (NaN and Infinity refused too).
@@ -355,30 +355,6 @@ class Router:
     def _bad_key(routing_key: str) -> Dropped:
         _log.debug("dropped %r: bad routing key", routing_key)
         return _BAD_ROUTING_KEY
-
-    # -- read-only stats ----------------------------------------------------------------------
-
-    @property
-    def subscribed_clients(self) -> int:
-        """Connections holding at least one stream (not every open connection)."""
-        return len(self._clients)
-
-    def subscription_counts(self) -> dict[tuple[StreamKind, str], int]:
-        """Subscribers per (kind, stream name), private ones summed over users (PROTOCOL §7)."""
-        counts = {(stream_kind(name), name): len(members) for name, members in self._topics.items()}
-        for (_uid, name), members in self._private.items():
-            key = (_PRIVATE, name)
-            counts[key] = counts.get(key, 0) + len(members)
-        return counts
-
-    def cached_book(self, topic: str) -> list[bytes]:
-        """The replay of a public ``-inc`` topic: snapshot frame, then increments; [] if none."""
-        return list(self._books.get(topic, ()))
-
-    @property
-    def cached_books(self) -> int:
-        """Number of order books (snapshots) cached."""
-        return len(self._books)
 
 
 def _listing(held: Mapping[str, StreamKind]) -> list[str]:

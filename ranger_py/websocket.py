@@ -1,10 +1,10 @@
 """One websocket after the handshake: non-blocking reads and writes driven by the event loop.
 
 There is no greenlet per connection (a parked greenlet costs ~8 KB):
-a libev io watcher calls ``_on_readable`` in gevent's hub when bytes arrive, and frames are
+a libev io watcher calls ``_on_readable`` in gevent's event loop when bytes arrive, and frames are
 written straight from the fan-out into a per-connection list that the owner flushes once per
 loop turn, all pending frames joined into one ``send``. A socket that cannot take everything
-gets a write watcher; until it drains, frames queue up to ``queue_limit`` frames or the owner's
+gets a write watcher; until it drains, frames queue up to the owner's ``queue_frames`` frames or
 ``max_queue_bytes`` bytes, and then the client is closed with 1008 so it can never hold back the
 others (PROTOCOL §2). The bound counts every byte queued for the client, whatever produced it:
 broadcast frames, replies, pongs, pings. A client that makes the server write faster than it reads
@@ -14,8 +14,8 @@ What a client can make the server do is bounded too: every frame it sends spends
 per-connection budget of ``message_rate`` frames a second with bursts of ``message_burst``
 (a GCRA, one float per connection); past it the client is closed with 1008.
 
-Every method here runs in gevent's hub or in a greenlet that never switches while it runs them,
-so the state needs no locks; nothing here may block.
+Every method here runs in gevent's event loop or in a greenlet that never switches while it runs
+them, so the state needs no locks; nothing here may block.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ class State(IntEnum):
 
 
 class Owner(Protocol):
-    """What a websocket needs from the per-worker hub that owns it."""
+    """What a websocket needs from the registry that owns it (ranger_py.clients.Clients)."""
 
     dirty: list[WebSocket]  # sockets with frames to flush this loop turn
     loop: Any  # gevent's event loop, for io watchers
     max_message_size: int  # inbound limit per message (close 1009 past it)
+    queue_frames: int  # outbound frames queued per client (close 1008 past it)
     max_queue_bytes: int  # outbound bytes queued per client (close 1008 past it)
     message_interval: float  # seconds of budget one inbound frame costs (1 / rate)
     message_window: float  # the burst: seconds of budget a client may run ahead
@@ -102,8 +103,6 @@ class WebSocket:
         owner: Owner,
         sock: socket.socket,
         conn_id: int,
-        *,
-        queue_limit: int,
     ) -> None:
         self._owner = owner
         self.sock = sock
@@ -114,7 +113,7 @@ class WebSocket:
         # and then, and a parser kept per connection would double an idle connection's memory.
         self._reader: FrameReader | None = None
         self._out: list[bytes] = []
-        self._limit = queue_limit
+        self._limit = owner.queue_frames
         self._queued = 0  # bytes in _out, the unsent tail of a partial frame included
         # GCRA's theoretical arrival time of the next inbound frame: the client is within its
         # rate while this stays less than message_window ahead of the clock.
@@ -132,6 +131,9 @@ class WebSocket:
 
     def on_message(self, data: str | bytes) -> None:
         raise NotImplementedError
+
+    def on_closed(self, reason: str) -> None:
+        """Called once, when the socket is gone: a subclass's own bookkeeping."""
 
     def _on_readable(self) -> None:
         try:
@@ -332,6 +334,7 @@ class WebSocket:
         with contextlib.suppress(OSError):
             self.sock.close()
         self._owner.closed(self, reason)
+        self.on_closed(reason)
 
     # -- timers ------------------------------------------------------------------------------
 

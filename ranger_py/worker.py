@@ -1,6 +1,6 @@
 """gunicorn glue: the gevent worker, taught two things about websockets.
 
-1. A request whose socket was handed to the hub (``app.HANDED_OVER``) ends its greenlet without
+1. A request whose socket was handed to the gateway (``app.HANDED_OVER``) ends its greenlet without
    gunicorn closing the socket or reading another request from it.
 2. A graceful stop (SIGTERM, or the old workers of a HUP reload) closes every websocket with
    1001 before the worker exits (PROTOCOL §2), instead of dropping them without a close frame.
@@ -37,7 +37,7 @@ class RangerWorker(GeventWorker):  # type: ignore[misc]
 
     def run(self) -> None:
         super().run()  # returns once this worker stops accepting and its requests are done
-        hub = getattr(self.wsgi, "hub", None)
-        if hub is not None:
+        close = getattr(self.wsgi, "close", None)
+        if close is not None:
             # Leave a second of gunicorn's graceful timeout for the process to exit.
-            hub.shutdown(timeout=max(1.0, float(self.cfg.graceful_timeout) - 1.0))
+            close(timeout=max(1.0, float(self.cfg.graceful_timeout) - 1.0))

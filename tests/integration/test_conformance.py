@@ -1,4 +1,4 @@
-"""RFC 6455 conformance (PROTOCOL §2): kosoku's categories 1-7 and 9 against the echo path."""
+"""RFC 6455 conformance (PROTOCOL §2): kosoku's categories 1-7 and 9 against the echo app."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from .conformance import CATEGORIES, ECHO_ENV, run_kosoku
-from .harness import StartServer
+from .conformance import CATEGORIES, echo_server, run_kosoku
+from .harness import ServerPool
 
 
 @pytest.mark.timeout(900)
-def test_rfc6455_conformance(start_server: StartServer, tmp_path: Path) -> None:
-    server = start_server(ECHO_ENV, name="echo")
-    outcomes = run_kosoku(server.url("/echo"), tmp_path)
+def test_rfc6455_conformance(pool: ServerPool, tmp_path: Path) -> None:
+    server = echo_server(pool).start()
+    try:
+        outcomes = run_kosoku(server.url("/echo"), tmp_path)
+    finally:
+        server.stop()
     assert {outcome.case.split(".")[0] for outcome in outcomes} == set(CATEGORIES)
     failed = []
     for outcome in outcomes:

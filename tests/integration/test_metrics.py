@@ -33,7 +33,7 @@ RUBY_CURRENT = "ranger_connections_current"
 RUBY_STREAMS = "ranger_subscriptions_current"
 WORKERS = 2
 
-_OPEN_LINE = re.compile(r"\[(\d+)\] \w+ ranger_py\.hub: connection \d+ open ")
+_OPEN_LINE = re.compile(r"\[(\d+)\] \w+ ranger_py\.connection: connection \d+ open ")
 
 
 @pytest.fixture(scope="module")

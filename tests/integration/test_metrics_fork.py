@@ -28,7 +28,7 @@ SCRAPES = "promhttp_metric_handler_requests_total"
 # Measured on a loaded 2-core machine: about 1 s per respawn (boot, broker, first flush).
 STORM_BUDGET = 100.0
 
-_OPEN_LINE = re.compile(r"\[(\d+)\] \w+ ranger_py\.hub: connection \d+ open ")
+_OPEN_LINE = re.compile(r"\[(\d+)\] \w+ ranger_py\.connection: connection \d+ open ")
 _ENDPOINT_LINE = re.compile(r"metrics on http://\S+ \(pid (\d+)\)")
 
 

@@ -57,7 +57,6 @@ DEFAULTS: dict[str, object] = {
     "handshake_timeout": 5,
     "broker_heartbeat": 4,
     "queue_max_length": 100000,
-    "echo_path": None,
     "demo": False,
 }
 
@@ -151,7 +150,6 @@ ACCEPTED = [
     ("RANGER_ORDERBOOK_MAX_INCREMENTS", "50", "orderbook_max_increments", 50),
     ("RANGER_MAX_CONNECTIONS", "2", "max_connections", 2),
     ("RANGER_QUEUE_MAX_LENGTH", "10", "queue_max_length", 10),
-    ("RANGER_ECHO_PATH", "/echo", "echo_path", "/echo"),
 ]
 
 
@@ -221,8 +219,6 @@ REJECTED = [
     ("RANGER_ORDERBOOK_MAX_INCREMENTS", "0", "is not an integer >= 1"),
     ("RANGER_MAX_CONNECTIONS", "many", "is not an integer >= 1"),
     ("RANGER_QUEUE_MAX_LENGTH", "-10", "is not an integer >= 1"),
-    ("RANGER_ECHO_PATH", "echo", 'is not a URL path starting with "/"'),
-    ("RANGER_ECHO_PATH", "/ echo", "without spaces"),
     ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
 ]
 

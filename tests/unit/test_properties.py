@@ -32,6 +32,7 @@ from ranger_py.protocol import (
     unsubscribed_reply,
 )
 from ranger_py.router import DROP_REASONS, Delivery, Dropped, Router
+from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
 
 PUBLIC, PRIVATE, PREFIXED = StreamKind.PUBLIC, StreamKind.PRIVATE, StreamKind.PREFIXED
 
@@ -478,7 +479,7 @@ def check_route(
         return None
     if route.scope == "public":
         reaches = books.check(route.frame_key, result, value)
-        assert router.cached_books == len(books.frames)
+        assert cached_books(router) == len(books.frames)
         return None if reaches is None else (route, reaches)
     assert isinstance(result, Delivery)
     check_payload(result.payload, route.frame_key, value)
@@ -526,7 +527,7 @@ def test_route_order_book_cache(prefix: str, events: list[str], body: str) -> No
     for event in events:
         result = router.route(prefix + event, body.encode("utf-8", "surrogatepass"))
         check_route(router, books, prefix + event, body.encode("utf-8", "surrogatepass"), result)
-        assert router.cached_book("eurusd.ob-inc") == books.frames.get("eurusd.ob-inc", [])
+        assert cached_book(router, "eurusd.ob-inc") == books.frames.get("eurusd.ob-inc", [])
 
 
 # -- Router subscriptions: a state machine against a model ----------------------------------
@@ -662,8 +663,8 @@ class RouterMachine(RuleBasedStateMachine):
             {client: list(held.items()) for client, held in router._clients.items()},
             {name: set(members) for name, members in router._topics.items()},
             {key: set(members) for key, members in router._private.items()},
-            {topic: router.cached_book(topic) for topic in self.books.frames},
-            router.cached_books,
+            {topic: cached_book(router, topic) for topic in self.books.frames},
+            cached_books(router),
             +self.gauges,
         )
 
@@ -771,8 +772,8 @@ class RouterMachine(RuleBasedStateMachine):
         assert router._clients == {}
         assert router._topics == {}
         assert router._private == {}
-        assert router.subscribed_clients == 0
-        assert router.subscription_counts() == {}
+        assert subscribed_clients(router) == 0
+        assert subscription_counts(router) == {}
         assert not +self.gauges and not -self.gauges  # every gauge back to zero
 
     @invariant()
@@ -795,7 +796,7 @@ class RouterMachine(RuleBasedStateMachine):
         assert all(router._private.values())
         assert router._topics == topics
         assert router._private == private
-        assert router.subscribed_clients == sum(1 for held in self.held.values() if held)
+        assert subscribed_clients(router) == sum(1 for held in self.held.values() if held)
 
     @invariant()
     def listings_match_the_model(self) -> None:
@@ -813,13 +814,13 @@ class RouterMachine(RuleBasedStateMachine):
                 counts[kind, name] += 1
         assert not -self.gauges  # never below zero
         assert +self.gauges == +counts
-        assert self.router.subscription_counts() == dict(+counts)
+        assert subscription_counts(self.router) == dict(+counts)
 
     @invariant()
     def books_match_the_model(self) -> None:
-        assert self.router.cached_books == len(self.books.frames)
+        assert cached_books(self.router) == len(self.books.frames)
         for topic, frames in self.books.frames.items():
-            assert self.router.cached_book(topic) == frames
+            assert cached_book(self.router, topic) == frames
 
     def teardown(self) -> None:
         self.remove_everyone()

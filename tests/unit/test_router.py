@@ -16,6 +16,7 @@ from ranger_py import errors
 from ranger_py.auth import Auth
 from ranger_py.protocol import StreamKind, parse_request
 from ranger_py.router import DROP_REASONS, Delivery, Dropped, Router
+from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
 
 PUBLIC, PRIVATE, PREFIXED = StreamKind.PUBLIC, StreamKind.PRIVATE, StreamKind.PREFIXED
 
@@ -57,8 +58,8 @@ def publish(router: Router, routing_key: str, body: bytes | str) -> Delivery | D
 
 def assert_empty(router: Router) -> None:
     """Nothing left behind: no client entry, no (even empty) subscriber set."""
-    assert router.subscribed_clients == 0
-    assert router.subscription_counts() == {}
+    assert subscribed_clients(router) == 0
+    assert subscription_counts(router) == {}
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def router() -> Router:
 def test_anonymous_public_single_stream(router: Router) -> None:
     client = Client()
     assert router.subscribe(client, ["eurusd.trades"]) == [subscribed("eurusd.trades")]
-    assert router.subscription_counts() == {(PUBLIC, "eurusd.trades"): 1}
+    assert subscription_counts(router) == {(PUBLIC, "eurusd.trades"): 1}
     assert router.unsubscribe(client, ["eurusd.trades"]) == unsubscribed()
     assert_empty(router)
 
@@ -81,7 +82,7 @@ def test_anonymous_multiple_public_streams(router: Router) -> None:
     client = Client()
     reply = router.subscribe(client, ["eurusd.trades", "eurusd.updates"])
     assert reply == [subscribed("eurusd.trades", "eurusd.updates")]
-    assert router.subscription_counts() == {
+    assert subscription_counts(router) == {
         (PUBLIC, "eurusd.trades"): 1,
         (PUBLIC, "eurusd.updates"): 1,
     }
@@ -104,7 +105,7 @@ def test_anonymous_valid_token_without_uid_is_anonymous_for_private(router: Rout
 def test_authenticated_private_single_stream(router: Router) -> None:
     client = Client("UIDABC00001")
     assert router.subscribe(client, ["trades"]) == [subscribed("trades")]
-    assert router.subscription_counts() == {(PRIVATE, "trades"): 1}
+    assert subscription_counts(router) == {(PRIVATE, "trades"): 1}
     assert router.unsubscribe(client, ["trades"]) == unsubscribed()
     assert_empty(router)
 
@@ -112,7 +113,7 @@ def test_authenticated_private_single_stream(router: Router) -> None:
 def test_authenticated_multiple_private_streams(router: Router) -> None:
     client = Client("UIDABC00001")
     assert router.subscribe(client, ["trades", "orders"]) == [subscribed("trades", "orders")]
-    assert router.subscription_counts() == {(PRIVATE, "trades"): 1, (PRIVATE, "orders"): 1}
+    assert subscription_counts(router) == {(PRIVATE, "trades"): 1, (PRIVATE, "orders"): 1}
     assert router.unsubscribe(client, ["trades", "orders"]) == unsubscribed()
     assert_empty(router)
 
@@ -121,7 +122,7 @@ def test_authenticated_private_and_public_streams(router: Router) -> None:
     client = Client("UIDABC00001")
     reply = router.subscribe(client, ["trades", "orders", "eurusd.updates"])
     assert reply == [subscribed("eurusd.updates", "trades", "orders")]
-    assert router.subscription_counts() == {
+    assert subscription_counts(router) == {
         (PUBLIC, "eurusd.updates"): 1,
         (PRIVATE, "trades"): 1,
         (PRIVATE, "orders"): 1,
@@ -159,7 +160,7 @@ def test_duplicates_and_held_streams_are_not_added_twice(router: Router) -> None
     client = Client("U1")
     assert router.subscribe(client, ["a.b", "a.b", "x"]) == [subscribed("a.b", "x")]
     assert router.subscribe(client, ["x", "a.b", ""]) == [subscribed("a.b", "x")]
-    assert router.subscription_counts() == {(PUBLIC, "a.b"): 1, (PRIVATE, "x"): 1}
+    assert subscription_counts(router) == {(PUBLIC, "a.b"): 1, (PRIVATE, "x"): 1}
 
 
 def test_unsubscribe_unknown_changes_nothing_but_replies(router: Router) -> None:
@@ -168,7 +169,7 @@ def test_unsubscribe_unknown_changes_nothing_but_replies(router: Router) -> None
     assert_empty(router)
     router.subscribe(client, ["a.b"])
     assert router.unsubscribe(client, ["c.d", "x", ""]) == unsubscribed("a.b")
-    assert router.subscription_counts() == {(PUBLIC, "a.b"): 1}
+    assert subscription_counts(router) == {(PUBLIC, "a.b"): 1}
 
 
 # -- Rango TestIsIncremental / TestGetTopic / TestHandleMessage ------------------------------
@@ -214,7 +215,7 @@ def test_handle_message(router: Router) -> None:
 )
 def test_only_snap_suffix_is_cached(router: Router, event: str, cached: bool) -> None:
     result = publish(router, f"public.eurusd.{event}", "{}")
-    assert (router.cached_books == 1) is cached
+    assert (cached_books(router) == 1) is cached
     if event.endswith("-inc"):
         assert result == Dropped("no_snapshot")
 
@@ -226,22 +227,24 @@ def test_incremental_object_storage(router: Router) -> None:
     assert publish(router, "public.abc.count-inc", '{"data":1,"sequence":11}') == Dropped(
         "no_snapshot"
     )
-    assert router.cached_books == 0
+    assert cached_books(router) == 0
     result = publish(router, "public.abc.count-snap", '{"data":[2,3,4],"sequence":12}')
     assert isinstance(result, Delivery)
     assert not result.recipients
     snap = b'{"abc.count-snap":{"data":[2,3,4],"sequence":12}}'
-    assert router.cached_book("abc.count-inc") == [snap]
+    assert cached_book(router, "abc.count-inc") == [snap]
     publish(router, "public.abc.count-inc", '{"data":5,"sequence":13}')
     publish(router, "public.abc.count-inc", '{"data":6,"sequence":14}')
-    assert router.cached_book("abc.count-inc") == [
+    assert cached_book(router, "abc.count-inc") == [
         snap,
         b'{"abc.count-inc":{"data":5,"sequence":13}}',
         b'{"abc.count-inc":{"data":6,"sequence":14}}',
     ]
     publish(router, "public.abc.count-snap", '{"data":[7],"sequence":15}')
-    assert router.cached_book("abc.count-inc") == [b'{"abc.count-snap":{"data":[7],"sequence":15}}']
-    assert router.cached_book("abc.count-snap") == []
+    assert cached_book(router, "abc.count-inc") == [
+        b'{"abc.count-snap":{"data":[7],"sequence":15}}'
+    ]
+    assert cached_book(router, "abc.count-snap") == []
 
 
 def test_replay_snapshot_then_increments_then_reply(router: Router) -> None:
@@ -318,7 +321,7 @@ def test_private_and_prefixed_books_are_not_cached(router: Router) -> None:
     publish(router, "private.U1.ob-inc", "[2]")
     publish(router, "admin.m.ob-snap", "[3]")
     publish(router, "admin.m.ob-inc", "[4]")
-    assert router.cached_books == 0
+    assert cached_books(router) == 0
     assert owner.received == [
         b'{"ob-inc":[1]}',
         b'{"ob-inc":[2]}',
@@ -341,12 +344,12 @@ def test_increment_bound_drops_book_until_next_snapshot(caplog: pytest.LogCaptur
     publish(router, "public.m.ob-snap", "[0]")
     publish(router, "public.m.ob-inc", "[1]")
     publish(router, "public.m.ob-inc", "[2]")
-    assert len(router.cached_book("m.ob-inc")) == 3
+    assert len(cached_book(router, "m.ob-inc")) == 3
     with caplog.at_level(logging.WARNING, logger="ranger_py.router"):
         assert publish(router, "public.m.ob-inc", "[3]") == Dropped("book_overflow")
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "m.ob-inc" in caplog.records[0].getMessage()
-    assert router.cached_books == 0
+    assert cached_books(router) == 0
     assert publish(router, "public.m.ob-inc", "[4]") == Dropped("no_snapshot")
     late = Client()
     assert router.subscribe(late, ["m.ob-inc"]) == [subscribed("m.ob-inc")]
@@ -361,7 +364,7 @@ def test_increment_bound_drops_book_until_next_snapshot(caplog: pytest.LogCaptur
         b'{"m.ob-inc":[6]}',
     ]
     assert late.received == [b'{"m.ob-snap":[5]}', b'{"m.ob-inc":[6]}']
-    assert router.cached_book("m.ob-inc") == [b'{"m.ob-snap":[5]}', b'{"m.ob-inc":[6]}']
+    assert cached_book(router, "m.ob-inc") == [b'{"m.ob-snap":[5]}', b'{"m.ob-inc":[6]}']
 
 
 def test_increments_are_cached_without_subscribers(router: Router) -> None:
@@ -369,7 +372,7 @@ def test_increments_are_cached_without_subscribers(router: Router) -> None:
     result = publish(router, "public.m.ob-inc", "[1]")
     assert isinstance(result, Delivery)
     assert not result.recipients
-    assert len(router.cached_book("m.ob-inc")) == 2
+    assert len(cached_book(router, "m.ob-inc")) == 2
 
 
 # -- Ruby router_spec 6-9 (flat names there; public names here) ------------------------------
@@ -377,15 +380,15 @@ def test_increments_are_cached_without_subscribers(router: Router) -> None:
 
 def test_no_connections_no_stats(router: Router) -> None:
     assert_empty(router)
-    assert router.cached_books == 0
+    assert cached_books(router) == 0
 
 
 def test_two_anonymous_connections(router: Router) -> None:
     a1, a2 = Client(), Client()
     router.subscribe(a1, ["some.feed"])
     router.subscribe(a2, ["some.feed", "another.feed"])
-    assert router.subscribed_clients == 2
-    assert router.subscription_counts() == {(PUBLIC, "some.feed"): 2, (PUBLIC, "another.feed"): 1}
+    assert subscribed_clients(router) == 2
+    assert subscription_counts(router) == {(PUBLIC, "some.feed"): 2, (PUBLIC, "another.feed"): 1}
     delivery = router.route("public.some.feed", b"1")
     assert isinstance(delivery, Delivery)
     assert set(delivery.recipients) == {a1, a2}
@@ -398,8 +401,8 @@ def test_unsubscribe_empties_topics(router: Router) -> None:
     a1, a2 = Client(), Client()
     router.subscribe(a1, ["some.feed"])
     router.subscribe(a2, ["some.feed", "another.feed"])
-    assert sum(router.subscription_counts().values()) == 3
-    assert len(router.subscription_counts()) == 2
+    assert sum(subscription_counts(router).values()) == 3
+    assert len(subscription_counts(router)) == 2
     router.unsubscribe(a1, ["some.feed"])
     router.unsubscribe(a2, ["some.feed", "another.feed"])
     assert_empty(router)
@@ -409,7 +412,7 @@ def test_authorized_users_are_filed_per_uid(router: Router) -> None:
     u1, u2 = Client("user1"), Client("user2")
     router.subscribe(u1, ["order"])
     router.subscribe(u2, ["order"])
-    assert router.subscription_counts() == {(PRIVATE, "order"): 2}
+    assert subscription_counts(router) == {(PRIVATE, "order"): 2}
     publish(router, "private.user1.order", '{"id":1}')
     assert u1.received == [b'{"order":{"id":1}}']
     assert u2.received == []
@@ -494,7 +497,7 @@ def test_rbac(router: Router, role: str, stream: str, allowed: bool) -> None:
     frames = router.subscribe(client, [stream])
     if allowed:
         assert frames == [subscribed(stream)]
-        assert router.subscription_counts() == {(PREFIXED, stream): 1}
+        assert subscription_counts(router) == {(PREFIXED, stream): 1}
     else:
         assert frames == [
             b'{"success":{"message":"cannot subscribe to %s"}}' % stream.encode(),
@@ -514,7 +517,7 @@ def test_unsubscribe_prefixed_removes_exactly_that_stream(router: Router) -> Non
     client = Client("U1", "admin")
     router.subscribe(client, ["admin.eurusd.sys", "eurusd.sys"])
     assert router.unsubscribe(client, ["admin.eurusd.sys"]) == unsubscribed("eurusd.sys")
-    assert router.subscription_counts() == {(PUBLIC, "eurusd.sys"): 1}
+    assert subscription_counts(router) == {(PUBLIC, "eurusd.sys"): 1}
     assert router.unsubscribe(client, ["admin.eurusd.sys"]) == unsubscribed("eurusd.sys")
     router.subscribe(client, ["admin.eurusd.sys"])
     assert router.unsubscribe(client, ["admin.eurusd.sys"]) == unsubscribed("eurusd.sys")
@@ -563,7 +566,7 @@ def test_private_isolation_and_every_connection_of_a_uid(router: Router) -> None
     router.remove(alice1)
     publish(router, "private.alice.order", '{"id":5}')
     assert alice2.received[-1] == b'{"order":{"id":5}}'
-    assert router.subscription_counts() == {(PRIVATE, "order"): 2}
+    assert subscription_counts(router) == {(PRIVATE, "order"): 2}
 
 
 def test_private_message_does_not_reach_public_names(router: Router) -> None:
@@ -690,10 +693,10 @@ def test_too_many_streams_changes_nothing() -> None:
     router = Router({}, max_streams=3)
     client = Client("U1")
     router.subscribe(client, ["a.b", "c"])
-    before = (router.streams(client), router.subscription_counts())
+    before = (router.streams(client), subscription_counts(router))
     with pytest.raises(errors.TooManyStreams):
         router.subscribe(client, ["d.e", "f"])
-    assert (router.streams(client), router.subscription_counts()) == before
+    assert (router.streams(client), subscription_counts(router)) == before
     assert router.subscribe(client, ["a.b", "c", "d.e"]) == [subscribed("a.b", "d.e", "c")]
     with pytest.raises(errors.TooManyStreams):
         router.subscribe(client, ["x.y"])
@@ -719,7 +722,7 @@ def test_remove_cleans_every_table_and_is_idempotent(router: Router) -> None:
     clients = [Client("U1", "admin"), Client("U1"), Client("U2"), Client()]
     for client in clients:
         router.subscribe(client, ["m.ob-inc", "order", "trade", "admin.m.sys", "x.y"])
-    assert router.subscribed_clients == 4
+    assert subscribed_clients(router) == 4
     for client in clients:
         router.remove(client)
         router.remove(client)
@@ -727,7 +730,7 @@ def test_remove_cleans_every_table_and_is_idempotent(router: Router) -> None:
     for client in clients:
         assert router.streams(client) == []
     assert router.route("private.U1.order", b"{}") == Delivery(b'{"order":{}}', frozenset())
-    assert router.cached_books == 1
+    assert cached_books(router) == 1
 
 
 def test_never_subscribed_clients_cost_nothing(router: Router) -> None:
@@ -746,11 +749,11 @@ def test_a_stream_name_nothing_can_be_published_to_is_refused_and_changes_nothin
     router = Router({})
     client = Client("U1")
     router.subscribe(client, ["a.b"])
-    before = (router.streams(client), router.subscription_counts())
+    before = (router.streams(client), subscription_counts(router))
     with pytest.raises(errors.InvalidStreamName) as raised:
         router.subscribe(client, ["c.d", name])
     assert raised.value.reply == b'{"error":"Invalid stream name"}'
-    assert (router.streams(client), router.subscription_counts()) == before
+    assert (router.streams(client), subscription_counts(router)) == before
 
 
 def test_the_longest_routable_names_are_accepted() -> None:

@@ -1,4 +1,4 @@
-"""The websocket transport over a real socketpair, driven by gevent's loop (no monkey-patching).
+"""The websocket transport over a loopback TCP connection, driven by gevent's loop (no patching).
 
 The server end is a raw non-blocking socket as in production; the test's end is a gevent socket,
 so waiting for bytes lets the loop run the server's watchers and flushes.
@@ -15,46 +15,58 @@ import gevent
 import gevent.socket
 import pytest
 
+from ranger_py.clients import Clients, Limits
 from ranger_py.frames import encode_text
 from ranger_py.websocket import State, WebSocket
 
 
-class Owner:
+class SlowCount:
     def __init__(self) -> None:
-        self.loop: Any = gevent.get_hub().loop
-        self.dirty: list[WebSocket] = []
+        self.count = 0
+
+    def slow_client(self) -> None:
+        self.count += 1
+
+
+class Owner:
+    """The production owner (Clients) with the test's limits, and what the test reads back."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.slow = SlowCount()
+        self.clients = Clients(limits, gevent.get_hub().loop, self.slow)
         self.closed_reasons: list[str] = []
-        self.slow_clients = 0
-        self.max_message_size = 4096
-        self.max_queue_bytes = 1 << 20
-        self.message_interval = 0.0  # no rate limit unless a test sets one
-        self.message_window = 1.0
-        self._pending = False
+
+    @property
+    def slow_clients(self) -> int:
+        return self.slow.count
 
     def request_flush(self) -> None:
-        if not self._pending:
-            self._pending = True
-            self.loop.run_callback(self.flush)
+        self.clients.request_flush()
 
-    def flush(self) -> None:
-        self._pending = False
-        dirty, self.dirty = self.dirty, []
-        for ws in dirty:
-            ws.flush()
 
-    def slow(self, ws: WebSocket) -> None:
-        self.slow_clients += 1
+class Latest(Owner):
+    """The owner of the websocket the test made last (``make`` builds the owner with it)."""
 
-    def closed(self, ws: WebSocket, reason: str) -> None:
-        self.closed_reasons.append(reason)
+    def __init__(self) -> None:
+        self.owner: Owner | None = None
+
+    def __getattribute__(self, name: str) -> Any:
+        owner = object.__getattribute__(self, "owner")
+        if name == "owner" or owner is None:
+            return object.__getattribute__(self, name)
+        return getattr(owner, name)
 
 
 class Recorder(WebSocket):
-    __slots__ = ("received",)
+    __slots__ = ("closed_reasons", "received")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, closed_reasons: list[str]) -> None:
+        super().__init__(*args)
         self.received: list[str | bytes] = []
+        self.closed_reasons = closed_reasons
+
+    def on_closed(self, reason: str) -> None:
+        self.closed_reasons.append(reason)
 
     def on_message(self, data: str | bytes) -> None:
         self.received.append(data)
@@ -103,24 +115,44 @@ class Peer:
         return opcode, payload
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection (the registry sets TCP options on its end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[Owner, Any, Peer]]:
-    server, client = socket.socketpair()
+    server, client = tcp_pair()
     server.setblocking(False)
-    owner = Owner()
+    latest = Latest()
 
     def make(**kwargs: Any) -> Recorder:
-        owner.max_message_size = kwargs.pop("max_message_size", 4096)
-        owner.max_queue_bytes = kwargs.pop("max_queue_bytes", 1 << 20)
         rate = kwargs.pop("rate", None)
-        if rate is not None:
-            owner.message_interval = 1 / rate
-            owner.message_window = (kwargs.pop("burst") + 0.5) / rate  # as the hub sets it
-        return Recorder(owner, server, 1, queue_limit=kwargs.pop("queue_limit", 8))
+        rated = {} if rate is None else {"client_rate": rate, "client_burst": kwargs.pop("burst")}
+        limits = Limits(
+            max_message_size=kwargs.pop("max_message_size", 4096),
+            queue_bytes=kwargs.pop("max_queue_bytes", 1 << 20),
+            queue_frames=kwargs.pop("queue_limit", 8),
+            # No rate limit unless a test sets one.
+            **rated or {"client_rate": 1e9, "client_burst": 1_000_000_000},
+        )
+        owner = latest.owner = Owner(limits)
+        ws = owner.clients.attach(
+            server.detach(),
+            b"",  # no 101 here: the socket is already "upgraded"
+            lambda clients, sock, conn_id: Recorder(
+                clients, sock, conn_id, closed_reasons=owner.closed_reasons
+            ),
+        )
+        ws.flush()  # the empty greeting: the queue starts empty
+        return ws
 
     peer = Peer(gevent.socket.socket(fileno=client.detach()))
     peer.sock.settimeout(5)
-    yield owner, make, peer
+    yield latest, make, peer
     peer.sock.close()
     server.close()
 
@@ -185,7 +217,7 @@ def test_slow_client_is_closed_with_1008_and_others_never_wait(
     # The peer reads nothing: the kernel buffers fill, then the queue, then the bound trips.
     for _ in range(200):
         ws.queue(big)
-        owner.flush()
+        ws.flush()
         if ws.state is not State.OPEN:
             break
     assert ws.state is State.CLOSING
@@ -253,7 +285,7 @@ def test_the_byte_bound_closes_a_client_that_queues_few_large_frames(
     big = encode_text(b"z" * 60000)
     for _ in range(200):
         ws.queue(big)
-        owner.flush()
+        ws.flush()
         if ws.state is not State.OPEN:
             break
     assert ws.state is State.CLOSING
