@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes], None]
 
 BINDING_KEY = "#"
-# The broker sends a heartbeat every heartbeat/2 s, and each frame restarts py-amqp's drain timeout:
-# below this the loop could go on draining heartbeats without ever waking up.
-MIN_HEARTBEAT = 3
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class Timings:
     """
 
     # How often the consume loop wakes up without traffic: bounds stop() latency and paces
-    # heartbeats. MIN_HEARTBEAT relies on it being at most 1 s.
+    # heartbeats. config.MIN_BROKER_HEARTBEAT relies on it being at most 1 s.
     safety_interval: float = 1.0
     # A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this
     # long, so stop() is not held up for long by a broker that accepts TCP but never answers.
@@ -155,15 +152,12 @@ class Consumer(ConsumerMixin):
     ) -> None:
         """Set up the connection; nothing is opened before :meth:`run_forever`.
 
+        ``queue_max_length`` and ``heartbeat`` are taken as ``config.Config`` checked them.
         ``clock`` is the monotonic clock that outages, heartbeat checks and the login warning's
         rate are measured with.
         """
-        if queue_max_length < 1:
-            raise ValueError(f"queue_max_length must be >= 1, not {queue_max_length}")
         # AMQP negotiates the heartbeat in whole seconds.
         heartbeat_s = math.ceil(heartbeat)
-        if heartbeat_s < MIN_HEARTBEAT:
-            raise ValueError(f"heartbeat must be >= {MIN_HEARTBEAT} s, not {heartbeat}")
         self.connection = Connection(  # type: ignore[no-untyped-call]
             amqp_url,
             heartbeat=heartbeat_s,

@@ -432,12 +432,6 @@ def test_time_claim_of_the_wrong_type(
     assert refused(rs256, bearer(sign(rsa_key, "RS256", exp=value))) == "invalid exp claim"
 
 
-def test_negative_leeway_is_a_config_error(rsa_key: rsa.RSAPrivateKey) -> None:
-    with pytest.raises(ConfigError) as info:
-        Authenticator(env_key(rsa_key.public_key()), not_before_leeway=-1)
-    assert info.value.variable == "JWT_NOT_BEFORE_LEEWAY"
-
-
 # --- issuer and audience --------------------------------------------------------------------------
 
 
