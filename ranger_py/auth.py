@@ -154,11 +154,6 @@ class Authenticator:
         """False when ``JWT_PUBLIC_KEY`` is unset: every token is refused (PROTOCOL §3)."""
         return self._key is not None
 
-    @property
-    def algorithm(self) -> str | None:
-        """The one algorithm tokens must be signed with, or None when not enabled."""
-        return self._algorithms[0] if self._algorithms else None
-
     def authenticate(self, authorization: str | None) -> Auth:
         """Verify the ``Authorization`` header value and return who the token names.
 
