@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import jwt
 
-from ranger_py.errors import AuthError, ConfigError
+from ranger_py.errors import AuthError
 from ranger_py.keys import VerifyKey, load_verify_key
 
 __all__ = ["ANONYMOUS", "Auth", "AuthSettings", "Authenticator"]
@@ -98,9 +98,10 @@ class Authenticator:
             audience: ``JWT_AUDIENCE``; when non-empty, ``aud`` must name one of them.
             default_leeway: seconds of clock skew allowed for ``iat``, ``exp`` and ``nbf``.
             issued_at_leeway, expiration_leeway, not_before_leeway: per-claim overrides.
+            The leeways are taken as ``config.Config`` checked them (whole seconds, >= 0).
 
         Raises:
-            ConfigError: naming ``JWT_PUBLIC_KEY``, ``JWT_ALGORITHM`` or a ``JWT_*_LEEWAY``.
+            ConfigError: naming ``JWT_PUBLIC_KEY`` or ``JWT_ALGORITHM``.
         """
         self._key: VerifyKey | None = None
         self._algorithms: list[str] = []
@@ -109,10 +110,10 @@ class Authenticator:
             self._key, algorithm = loaded
             self._algorithms = [algorithm]
 
-        default = _leeway("JWT_DEFAULT_LEEWAY", default_leeway)
-        self._iat_leeway = _leeway("JWT_ISSUED_AT_LEEWAY", issued_at_leeway, default)
-        self._exp_leeway = _leeway("JWT_EXPIRATION_LEEWAY", expiration_leeway, default)
-        self._nbf_leeway = _leeway("JWT_NOT_BEFORE_LEEWAY", not_before_leeway, default)
+        default = float(default_leeway)
+        self._iat_leeway = _leeway(issued_at_leeway, default)
+        self._exp_leeway = _leeway(expiration_leeway, default)
+        self._nbf_leeway = _leeway(not_before_leeway, default)
 
         self._issuer = issuer or None
         self._audience = list(audience) or None
@@ -152,11 +153,6 @@ class Authenticator:
     def enabled(self) -> bool:
         """False when ``JWT_PUBLIC_KEY`` is unset: every token is refused (PROTOCOL §3)."""
         return self._key is not None
-
-    @property
-    def algorithm(self) -> str | None:
-        """The one algorithm tokens must be signed with, or None when not enabled."""
-        return self._algorithms[0] if self._algorithms else None
 
     def authenticate(self, authorization: str | None) -> Auth:
         """Verify the ``Authorization`` header value and return who the token names.
@@ -242,9 +238,5 @@ def _string_claim(claims: dict[str, Any], name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _leeway(variable: str, value: float | None, default: float = 0) -> float:
-    if value is None:
-        return default
-    if value < 0 or not math.isfinite(value):
-        raise ConfigError(variable, "must be a number of seconds >= 0")
-    return float(value)
+def _leeway(value: float | None, default: float) -> float:
+    return default if value is None else float(value)

@@ -52,6 +52,12 @@ _META_KEY = "ranger_py.setting"
 # HS* are absent on purpose: with a public key as the HMAC secret, anyone could sign.
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA")
 
+# The lowest RANGER_BROKER_HEARTBEAT. The consumer's loop wakes up when a drain of its connection
+# times out (consumer.Timings.safety_interval, 1 s), and every frame restarts py-amqp's drain
+# timeout: the broker sends a heartbeat every heartbeat/2 s, so below this the loop could go on
+# draining heartbeats without ever waking up.
+MIN_BROKER_HEARTBEAT = 3
+
 # LOG_LEVEL takes Rango's zerolog names and Python's; values are the logging level names.
 LOG_LEVELS = {
     "trace": "DEBUG",  # zerolog's level below debug; logging has none
@@ -519,7 +525,7 @@ class Config:
     broker_heartbeat: int = _setting(
         "RANGER_BROKER_HEARTBEAT",
         4,
-        _Integer(3, 600),
+        _Integer(MIN_BROKER_HEARTBEAT, 600),
         "AMQP heartbeat in seconds; a broker connection silent for twice this is replaced",
     )
     queue_max_length: int = _setting(

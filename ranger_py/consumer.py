@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kombu.connection import Connection
@@ -29,44 +30,57 @@ from kombu.mixins import ConsumerMixin
 
 from ranger_py.amqp_adapter import ACCESS_REFUSED, keep_bodies_raw, reply_code, set_socket_timeout
 
-__all__ = ["BrokerSettings", "Consumer", "MessageHandler"]
+__all__ = ["TIMINGS", "BrokerSettings", "Consumer", "MessageHandler", "Timings"]
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 
 BINDING_KEY = "#"
-# How often the consume loop wakes up without traffic: bounds stop() latency and paces heartbeats.
-SAFETY_INTERVAL = 1.0
-# The broker sends a heartbeat every heartbeat/2 s, and each frame restarts py-amqp's drain timeout:
-# below this the loop could go on draining heartbeats without ever waking up.
-MIN_HEARTBEAT = 3
-# A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this long,
-# so stop() is not held up for long by a broker that accepts TCP but never answers.
-CONNECT_TIMEOUT = 3.0
-# Once connected, no broker reply (declare-ok, cancel-ok, close-ok) is awaited longer than this.
-# Without it a TCP path that dies silently during declaration or shutdown blocks forever, since
-# heartbeats are only checked by the consume loop.
-REPLY_TIMEOUT = 5.0
-# The same bound for the three replies of a polite goodbye after stop() (cancel, close channel,
-# close connection), so a dead path cannot hold up shutdown for long.
-GOODBYE_TIMEOUT = 0.5
-# Connection attempts during an outage: 1 s, 2 s, ... then every 5 s (Rango redials every 5 s).
-RETRY_START, RETRY_STEP, RETRY_MAX = 1.0, 1.0, 5.0
-# Pause after a consume session that failed before it started consuming (refused declaration,
-# unexpected error): doubles up to the cap so nothing loops hot.
-BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
-# A broker that refuses our credentials goes on refusing them until someone fixes them: unlike an
-# outage, this is said at warning level for as long as it lasts, at most once per this many seconds.
-LOGIN_WARNING_INTERVAL = 60.0
-# kombu's virtual transports poll their queues, once a second by default: too slow for the
-# in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
-MEMORY_POLL_INTERVAL = 0.02
 
 
-def _transport_options(amqp_url: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Timings:
+    """How long the consumer waits, in seconds; the defaults are production's (``TIMINGS``).
+
+    Tests pass shorter ones so that they do not sleep through production's pauses.
+    """
+
+    # How often the consume loop wakes up without traffic: bounds stop() latency and paces
+    # heartbeats. config.MIN_BROKER_HEARTBEAT relies on it being at most 1 s.
+    safety_interval: float = 1.0
+    # A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this
+    # long, so stop() is not held up for long by a broker that accepts TCP but never answers.
+    connect_timeout: float = 3.0
+    # Once connected, no broker reply (declare-ok, cancel-ok, close-ok) is awaited longer than this.
+    # Without it a TCP path that dies silently during declaration or shutdown blocks forever, since
+    # heartbeats are only checked by the consume loop.
+    reply_timeout: float = 5.0
+    # The same bound for the three replies of a polite goodbye after stop() (cancel, close channel,
+    # close connection), so a dead path cannot hold up shutdown for long.
+    goodbye_timeout: float = 0.5
+    # Connection attempts during an outage: 1 s, 2 s, ... then every 5 s (Rango redials every 5 s).
+    retry_start: float = 1.0
+    retry_step: float = 1.0
+    retry_max: float = 5.0
+    # Pause after a consume session that failed before it started consuming (refused declaration,
+    # unexpected error): doubles up to the cap so nothing loops hot.
+    backoff_min: float = 1.0
+    backoff_max: float = 30.0
+    # A broker that refuses our credentials goes on refusing them until someone fixes them: unlike
+    # an outage, this is said at warning level for as long as it lasts, at most once per this long.
+    login_warning_interval: float = 60.0
+    # kombu's virtual transports poll their queues, once a second by default: too slow for the
+    # in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
+    memory_poll_interval: float = 0.02
+
+
+TIMINGS = Timings()
+
+
+def _transport_options(amqp_url: str, timings: Timings) -> dict[str, Any]:
     if amqp_url.startswith("memory://"):
-        return {"polling_interval": MEMORY_POLL_INTERVAL}
+        return {"polling_interval": timings.memory_poll_interval}
     return {}
 
 
@@ -132,21 +146,27 @@ class Consumer(ConsumerMixin):
         on_message: MessageHandler,
         queue_max_length: int = 100000,
         heartbeat: float = 10.0,
+        *,
+        timings: Timings = TIMINGS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if queue_max_length < 1:
-            raise ValueError(f"queue_max_length must be >= 1, not {queue_max_length}")
+        """Set up the connection; nothing is opened before :meth:`run_forever`.
+
+        ``queue_max_length`` and ``heartbeat`` are taken as ``config.Config`` checked them.
+        ``clock`` is the monotonic clock that outages, heartbeat checks and the login warning's
+        rate are measured with.
+        """
         # AMQP negotiates the heartbeat in whole seconds.
         heartbeat_s = math.ceil(heartbeat)
-        if heartbeat_s < MIN_HEARTBEAT:
-            raise ValueError(f"heartbeat must be >= {MIN_HEARTBEAT} s, not {heartbeat}")
         self.connection = Connection(  # type: ignore[no-untyped-call]
             amqp_url,
             heartbeat=heartbeat_s,
-            connect_timeout=CONNECT_TIMEOUT,
-            transport_options=_transport_options(amqp_url),
+            connect_timeout=timings.connect_timeout,
+            transport_options=_transport_options(amqp_url, timings),
         )
         self.exchange_name = exchange
         self.queue_max_length = queue_max_length
+        self.timings = timings
         self.reconnects = 0
         self._handler = on_message
         self._uri: str = self.connection.as_uri()  # password masked
@@ -154,7 +174,7 @@ class Consumer(ConsumerMixin):
         self._login = (
             f"user {info['userid']} at {info['hostname']}:{info['port']}/{info['virtual_host']}"
         )
-        self._clock: Callable[[], float] = time.monotonic
+        self._clock = clock
         self._login_warned_at: float | None = None
         self._state: tuple[bool, str] = (False, "connecting")
         self._stop_event = threading.Event()
@@ -167,13 +187,16 @@ class Consumer(ConsumerMixin):
         self._outage_since: float | None = None
 
     @classmethod
-    def from_config(cls, config: BrokerSettings, on_message: MessageHandler) -> Consumer:
+    def from_config(
+        cls, config: BrokerSettings, on_message: MessageHandler, *, timings: Timings = TIMINGS
+    ) -> Consumer:
         return cls(
             config.amqp_url,
             config.exchange,
             on_message,
             queue_max_length=config.queue_max_length,
             heartbeat=config.broker_heartbeat,
+            timings=timings,
         )
 
     @property
@@ -193,11 +216,12 @@ class Consumer(ConsumerMixin):
     def run_forever(self) -> None:
         """Consume until :meth:`stop`; connection losses and our own bugs only pause it."""
         log.info("consumer starting: exchange %r at %s", self.exchange_name, self._uri)
-        backoff = BACKOFF_MIN
+        timings = self.timings
+        backoff = timings.backoff_min
         while not self.should_stop:
             self._session_consumed = False
             try:
-                for _ in self.consume(limit=None, safety_interval=SAFETY_INTERVAL):  # type: ignore[no-untyped-call]
+                for _ in self.consume(limit=None, safety_interval=timings.safety_interval):  # type: ignore[no-untyped-call]
                     pass
             except _StopRequestedError:
                 break
@@ -212,10 +236,10 @@ class Consumer(ConsumerMixin):
                 log.exception("consumer failed; restarting in %.0f s", backoff)
                 self._failed("consumer error", exc, logged=True)
             if self._session_consumed:
-                backoff = BACKOFF_MIN
+                backoff = timings.backoff_min
             if not self.should_stop:
                 self._stop_event.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                backoff = min(backoff * 2, timings.backoff_max)
         self._live = None
         self._state = (False, "stopped")
         log.info("consumer stopped")
@@ -224,14 +248,15 @@ class Consumer(ConsumerMixin):
         self._live = None
         self._state = (False, f"broker refused the login for {self._login}")
         if self._outage_since is None:
-            self._outage_since = time.monotonic()
+            self._outage_since = self._clock()
         # The broker's text is not expected to carry the password; make sure it never does.
         password = self.connection.info()["password"]  # type: ignore[no-untyped-call]
         reason = _describe(exc)
         if password:
             reason = reason.replace(password, "****")
         now = self._clock()
-        if self._login_warned_at is None or now - self._login_warned_at >= LOGIN_WARNING_INTERVAL:
+        interval = self.timings.login_warning_interval
+        if self._login_warned_at is None or now - self._login_warned_at >= interval:
             self._login_warned_at = now
             log.warning(
                 "broker refused the login for %s (check RABBITMQ_USER/RABBITMQ_PASSWORD or "
@@ -247,7 +272,7 @@ class Consumer(ConsumerMixin):
         self._state = (False, f"{what}: {_describe(exc)}")
         # One warning per outage; the failed attempts that follow are debug noise.
         if self._outage_since is None:
-            self._outage_since = time.monotonic()
+            self._outage_since = self._clock()
             if not logged:
                 log.warning("%s: %s; reconnecting", what, _describe(exc))
         elif not logged:
@@ -266,9 +291,9 @@ class Consumer(ConsumerMixin):
                 conn.ensure_connection(
                     self.on_connection_error,
                     self.connect_max_retries,
-                    interval_start=RETRY_START,
-                    interval_step=RETRY_STEP,
-                    interval_max=RETRY_MAX,
+                    interval_start=self.timings.retry_start,
+                    interval_step=self.timings.retry_step,
+                    interval_max=self.timings.retry_max,
                     callback=self._abandon_if_stopping,
                 )
             except Exception as exc:
@@ -278,7 +303,7 @@ class Consumer(ConsumerMixin):
                 if _access_refused(exc):
                     raise _LoginRefusedError(_describe(exc)) from exc
                 raise
-            _bound_replies(conn, REPLY_TIMEOUT)
+            _bound_replies(conn, self.timings.reply_timeout)
             self._exchange = self._usable_exchange(conn)
             yield conn
             broken = False
@@ -296,12 +321,12 @@ class Consumer(ConsumerMixin):
     def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
         yield
         # Reached on a clean exit only (stop() was called): the goodbye follows.
-        _bound_replies(connection, GOODBYE_TIMEOUT)
+        _bound_replies(connection, self.timings.goodbye_timeout)
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         # kombu calls this for every failed connection attempt.
         if self._outage_since is None:
-            self._outage_since = time.monotonic()
+            self._outage_since = self._clock()
             self._state = (False, f"cannot connect to broker: {_describe(exc)}")
             log.warning("cannot connect to broker at %s: %s; retrying", self._uri, _describe(exc))
         else:
@@ -333,7 +358,7 @@ class Consumer(ConsumerMixin):
         self._state = (True, "consuming")
         self._login_warned_at = None  # a later refusal is news again
         if self._outage_since is not None:
-            down = time.monotonic() - self._outage_since
+            down = self._clock() - self._outage_since
             self._outage_since = None
             if self._has_consumed:
                 self.reconnects += 1
@@ -348,11 +373,12 @@ class Consumer(ConsumerMixin):
 
     def on_iteration(self) -> None:
         # kombu only checks heartbeats when a drain times out, so a steady stream of messages
-        # would keep us from ever sending one and the broker would drop us; check each second.
+        # would keep us from ever sending one and the broker would drop us; check once per safety
+        # interval.
         conn = self._live
-        now = time.monotonic()
+        now = self._clock()
         if conn is not None and now >= self._next_heartbeat:
-            self._next_heartbeat = now + SAFETY_INTERVAL
+            self._next_heartbeat = now + self.timings.safety_interval
             conn.heartbeat_check()
 
     # internals

@@ -9,7 +9,19 @@ from contextlib import contextmanager
 
 import pytest
 
-from ranger_py.consumer import Consumer
+from ranger_py.consumer import Consumer, Timings
+
+# Production's pauses cut short, for the unit tests: the consume loop wakes up, redials and
+# restarts within a few hundredths of a second instead of whole seconds. The timeouts and the
+# login warning's rate stay production's.
+FAST_TIMINGS = Timings(
+    safety_interval=0.05,
+    retry_start=0.05,
+    retry_step=0.05,
+    retry_max=0.05,
+    backoff_min=0.001,
+    backoff_max=0.01,
+)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

@@ -139,6 +139,7 @@ ACCEPTED = [
     ("JWT_ISSUED_AT_LEEWAY", "5", "jwt_issued_at_leeway", 5),
     ("JWT_EXPIRATION_LEEWAY", "6", "jwt_expiration_leeway", 6),
     ("JWT_NOT_BEFORE_LEEWAY", "7", "jwt_not_before_leeway", 7),
+    ("JWT_NOT_BEFORE_LEEWAY", "0", "jwt_not_before_leeway", 0),
     ("METRICS_HOST", "127.0.0.1", "metrics_host", "127.0.0.1"),
     ("METRICS_PORT", "9100", "metrics_port", 9100),
     ("RANGER_MAX_MESSAGE_SIZE", "128", "max_message_size", 128),
@@ -150,6 +151,9 @@ ACCEPTED = [
     ("RANGER_ORDERBOOK_MAX_INCREMENTS", "50", "orderbook_max_increments", 50),
     ("RANGER_MAX_CONNECTIONS", "2", "max_connections", 2),
     ("RANGER_QUEUE_MAX_LENGTH", "10", "queue_max_length", 10),
+    ("RANGER_QUEUE_MAX_LENGTH", "1", "queue_max_length", 1),
+    ("RANGER_BROKER_HEARTBEAT", "3", "broker_heartbeat", 3),
+    ("RANGER_BROKER_HEARTBEAT", "600", "broker_heartbeat", 600),
 ]
 
 
@@ -188,6 +192,10 @@ REJECTED = [
     ("JWT_ISSUED_AT_LEEWAY", "soon", "is not an integer >= 0"),
     ("JWT_EXPIRATION_LEEWAY", "1.5", "is not an integer >= 0"),
     ("JWT_NOT_BEFORE_LEEWAY", "-3", "is not an integer >= 0"),
+    ("JWT_ISSUED_AT_LEEWAY", "-1", '"-1" is not an integer >= 0'),
+    ("JWT_EXPIRATION_LEEWAY", "-1", '"-1" is not an integer >= 0'),
+    ("JWT_DEFAULT_LEEWAY", "inf", "is not an integer >= 0"),
+    ("JWT_NOT_BEFORE_LEEWAY", "nan", "is not an integer >= 0"),
     ("API_CORS_ORIGINS", "https://ex ample.org", '"https://ex ample.org" is not an origin'),
     ("API_CORS_ORIGINS", "https://ex:ample.org", '"https://ex:ample.org" is not an origin'),
     ("API_CORS_ORIGINS", "example.org,https://", '"https://" is not an origin'),
@@ -202,6 +210,8 @@ REJECTED = [
     ("RANGER_MAX_HANDSHAKES", "0", "an integer >= 1"),
     ("RANGER_HANDSHAKE_TIMEOUT", "0.5", "an integer between 1 and 300"),
     ("RANGER_BROKER_HEARTBEAT", "2", "an integer between 3 and 600"),
+    ("RANGER_BROKER_HEARTBEAT", "601", "an integer between 3 and 600"),
+    ("RANGER_BROKER_HEARTBEAT", "2.5", "an integer between 3 and 600"),
     ("LOG_LEVEL", "verbose", '"verbose" is not one of trace, debug, info, warn, warning'),
     ("LOG_FORMAT", "yaml", '"yaml" is not one of text or json'),
     ("RANGER_GRACEFUL_TIMEOUT", "0", "is not an integer >= 1"),
@@ -219,6 +229,7 @@ REJECTED = [
     ("RANGER_ORDERBOOK_MAX_INCREMENTS", "0", "is not an integer >= 1"),
     ("RANGER_MAX_CONNECTIONS", "many", "is not an integer >= 1"),
     ("RANGER_QUEUE_MAX_LENGTH", "-10", "is not an integer >= 1"),
+    ("RANGER_QUEUE_MAX_LENGTH", "0", '"0" is not an integer >= 1'),
     ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
 ]
 

@@ -12,14 +12,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 from kombu import Connection, Exchange
 
-from ranger_py.consumer import Consumer
-from tests.consumer_support import Recorder, running, wait_for
+from ranger_py.config import MIN_BROKER_HEARTBEAT
+from ranger_py.consumer import TIMINGS, Consumer, Timings
+from tests.consumer_support import FAST_TIMINGS, Recorder, running, wait_for
 
 LOGGER = "ranger_py.consumer"
 RABBITMQ = ("127.0.0.1", 5672)
@@ -30,10 +31,8 @@ def memory_consumer(
     on_message: Callable[[str, bytes], None], cls: type[Consumer] = Consumer, **kwargs: Any
 ) -> Consumer:
     # A unique exchange per test: the in-memory broker state is shared by the whole process.
-    consumer = cls("memory://", f"test.{uuid.uuid4().hex}", on_message, **kwargs)
-    # The virtual transport polls once a second by default; tests need no such latency.
-    consumer.connection.transport_options["polling_interval"] = 0.01
-    return consumer
+    kwargs.setdefault("timings", FAST_TIMINGS)
+    return cls("memory://", f"test.{uuid.uuid4().hex}", on_message, **kwargs)
 
 
 def memory_publish(exchange: str, *messages: tuple[str, bytes | str]) -> None:
@@ -53,11 +52,10 @@ def closed_port() -> int:
 # construction
 
 
-def test_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="queue_max_length"):
-        Consumer("memory://", "x", Recorder(), queue_max_length=0)
-    with pytest.raises(ValueError, match="heartbeat"):
-        Consumer("memory://", "x", Recorder(), heartbeat=1.0)
+def test_the_lowest_heartbeat_still_lets_the_loop_wake_up() -> None:
+    # config.MIN_BROKER_HEARTBEAT's reason: the broker's heartbeats must come less often than
+    # the consume loop's wake-ups, or draining them would keep it from ever waking up.
+    assert TIMINGS.safety_interval < MIN_BROKER_HEARTBEAT / 2
 
 
 def test_from_config_reads_the_broker_fields() -> None:
@@ -76,6 +74,19 @@ def test_from_config_reads_the_broker_fields() -> None:
     assert consumer.connection.virtual_host == "vh"
     assert consumer.connection.heartbeat == 7
     assert (consumer.ready, consumer.status) == (False, "connecting")
+    assert consumer.timings is TIMINGS
+    assert consumer.connection.connect_timeout == TIMINGS.connect_timeout
+    fast = Consumer.from_config(Settings(), Recorder(), timings=FAST_TIMINGS)
+    assert fast.timings is FAST_TIMINGS
+
+
+def test_timings_reach_the_connection() -> None:
+    timings = Timings(connect_timeout=1.5, memory_poll_interval=0.005)
+    amqp = Consumer("amqp://guest:guest@127.0.0.1:5672//", "ex", Recorder(), timings=timings)
+    assert amqp.connection.connect_timeout == 1.5
+    assert "polling_interval" not in amqp.connection.transport_options
+    memory = Consumer("memory://", "ex", Recorder(), timings=timings)
+    assert memory.connection.transport_options["polling_interval"] == 0.005
 
 
 def test_queue_is_server_named_exclusive_and_bounded() -> None:
@@ -168,12 +179,15 @@ def test_stop_ends_run_forever_promptly() -> None:
     consumer.stop()
     thread.join(5)
     assert not thread.is_alive()
-    assert time.monotonic() - started < 2.0
+    # Within one wake-up of the consume loop, with a second to spare for a loaded machine.
+    assert time.monotonic() - started < FAST_TIMINGS.safety_interval + 1.0
 
 
 def test_an_unexpected_error_is_logged_and_consuming_restarts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    restart = threading.Event()
+
     class FlakyConsumer(Consumer):
         failures = 1
 
@@ -181,6 +195,9 @@ def test_an_unexpected_error_is_logged_and_consuming_restarts(
             if self.failures:
                 self.failures -= 1
                 raise RuntimeError("bug in a declaration")
+            # The pause before the restart is short here: hold the restart until the test has
+            # seen the failure.
+            restart.wait(5)
             return super().get_consumers(make_consumer, channel)
 
     received = Recorder()
@@ -188,6 +205,7 @@ def test_an_unexpected_error_is_logged_and_consuming_restarts(
     with caplog.at_level(logging.WARNING, logger=LOGGER), running(consumer):
         wait_for(lambda: consumer.status.startswith("consumer error:"), what="error status")
         assert not consumer.ready
+        restart.set()
         wait_for(lambda: consumer.ready, what="ready after the restart")
         memory_publish(consumer.exchange_name, ("public.a.b", b"{}"))
         received.wait_for_count(1)
@@ -199,17 +217,39 @@ def test_an_unexpected_error_is_logged_and_consuming_restarts(
     assert consumer.reconnects == 0  # it had never consumed: nothing was lost
 
 
+def test_stop_cuts_the_pause_after_a_failed_session_short() -> None:
+    class BrokenConsumer(Consumer):
+        def get_consumers(self, make_consumer: Callable[..., Any], channel: Any) -> list[Any]:
+            raise RuntimeError("bug in a declaration")
+
+    pause = replace(FAST_TIMINGS, backoff_min=60.0, backoff_max=60.0)
+    consumer = memory_consumer(Recorder(), BrokenConsumer, timings=pause)
+    with running(consumer, stop_within=3.0):  # far less than the pause
+        wait_for(lambda: consumer.status.startswith("consumer error:"), what="error status")
+
+
 def test_a_lost_connection_is_re_established_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    reconnect = threading.Event()
+
     class DroppingConsumer(Consumer):
         drops = 0
+        sessions = 0
 
         def on_iteration(self) -> None:
             if self.drops:
                 self.drops -= 1
                 raise self.connection.connection_errors[0]("connection reset")
             super().on_iteration()
+
+        def get_consumers(self, make_consumer: Callable[..., Any], channel: Any) -> list[Any]:
+            self.sessions += 1
+            if self.sessions > 1:
+                # The pause before reconnecting is short here: hold the new session until the
+                # test has seen the loss.
+                reconnect.wait(5)
+            return super().get_consumers(make_consumer, channel)
 
     received = Recorder()
     consumer = memory_consumer(received, DroppingConsumer)
@@ -218,6 +258,7 @@ def test_a_lost_connection_is_re_established_and_counted(
         consumer.drops = 1
         wait_for(lambda: not consumer.ready, what="the loss")
         assert consumer.status == "broker connection lost: connection reset"
+        reconnect.set()
         wait_for(lambda: consumer.ready, what="ready again")
         assert consumer.reconnects == 1
         memory_publish(consumer.exchange_name, ("public.a.b", b"{}"))
@@ -232,7 +273,8 @@ def test_a_lost_connection_is_re_established_and_counted(
 def test_unreachable_broker_is_reported_and_stop_still_works(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    consumer = Consumer(f"amqp://guest:guest@127.0.0.1:{closed_port()}//", "ex", Recorder())
+    url = f"amqp://guest:guest@127.0.0.1:{closed_port()}//"
+    consumer = Consumer(url, "ex", Recorder(), timings=FAST_TIMINGS)
     with caplog.at_level(logging.DEBUG, logger=LOGGER), running(consumer, stop_within=2.5):
         wait_for(lambda: consumer.status.startswith("cannot connect"), what="connect failure")
         assert not consumer.ready

@@ -13,9 +13,8 @@ import pytest
 from amqp.exceptions import AccessRefused, ChannelError, NotAllowed
 from kombu.exceptions import OperationalError
 
-from ranger_py import consumer as consumer_module
-from ranger_py.consumer import LOGIN_WARNING_INTERVAL, Consumer, _access_refused
-from tests.consumer_support import Recorder
+from ranger_py.consumer import Consumer, _access_refused
+from tests.consumer_support import FAST_TIMINGS, Recorder
 
 LOGGER = "ranger_py.consumer"
 PASSWORD = "s3cret-Pw"
@@ -74,17 +73,11 @@ class RefusedConsumer(Consumer):
         return self.broker
 
 
-@pytest.fixture(autouse=True)
-def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    # run_forever pauses between failed sessions; the fake clock makes the pauses irrelevant.
-    monkeypatch.setattr(consumer_module, "BACKOFF_MIN", 0.001)
-    monkeypatch.setattr(consumer_module, "BACKOFF_MAX", 0.001)
-
-
 def refused(step: float, attempts: int) -> tuple[RefusedConsumer, RefusingBroker]:
-    consumer = RefusedConsumer(URL, "ex", Recorder())
+    # run_forever pauses between failed sessions (briefly with these timings); the fake clock
+    # is what the warning's rate is measured with.
     clock = Clock()
-    consumer._clock = clock
+    consumer = RefusedConsumer(URL, "ex", Recorder(), timings=FAST_TIMINGS, clock=clock)
     consumer.broker = RefusingBroker(consumer, clock, step, attempts)
     return consumer, consumer.broker
 
@@ -130,7 +123,7 @@ def test_a_refusal_every_minute_or_more_is_a_warning_each_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    consumer, _ = refused(step=LOGIN_WARNING_INTERVAL, attempts=3)
+    consumer, _ = refused(step=FAST_TIMINGS.login_warning_interval, attempts=3)
     consumer.run_forever()
     assert len(login_lines(caplog, logging.WARNING)) == 3
     assert login_lines(caplog, logging.DEBUG) == []
