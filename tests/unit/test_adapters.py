@@ -1,4 +1,6 @@
-"""What the adapters rely on in wsproto, gevent, py-amqp and kombu, checked one reliance at a time.
+"""What the adapters rely on in each library, checked one reliance at a time.
+
+The libraries: wsproto, gevent, py-amqp and kombu, prometheus-client, and gunicorn.
 
 Each test exercises exactly the internal its adapter uses, against the installed library. When an
 upgrade breaks one, the failure names the library, the installed and pinned versions and the
@@ -7,9 +9,13 @@ adapter to fix, instead of surfacing later as a confusing failure somewhere in t
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +35,14 @@ from amqp.transport import TCPTransport
 from kombu.connection import Connection as KombuConnection
 from kombu.mixins import ConsumerMixin
 from kombu.transport import pyamqp
+from prometheus_client import Histogram
 
-from ranger_py import amqp_adapter, gevent_adapter, wsproto_adapter
+from ranger_py import amqp_adapter, gevent_adapter, prometheus_adapter, wsproto_adapter
+from ranger_py.metrics import FANOUT_BUCKETS
 from ranger_py.wsproto_adapter import Opcode
 
-REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+ROOT = Path(__file__).resolve().parents[2]
+REQUIREMENTS = ROOT / "requirements.txt"
 
 
 def pinned(dist: str) -> str:
@@ -351,3 +360,83 @@ def test_kombu_consumer_mixin_connects_through_establish_connection() -> None:
             pass
         assert probe.used
     probe.connection.release()
+
+
+# -- prometheus-client -----------------------------------------------------------------------
+
+
+def prometheus_relies(what: str) -> Any:
+    return relied_on("prometheus-client", what, "prometheus_adapter")
+
+
+def test_prometheus_histogram_keeps_one_value_per_bucket_not_cumulative() -> None:
+    with prometheus_relies("Histogram._buckets (one value per bound and +Inf, own bucket only)"):
+        histogram = Histogram("probe", "p", buckets=FANOUT_BUCKETS, registry=None)
+        assert len(histogram._buckets) == len(FANOUT_BUCKETS) + 1
+        histogram.observe(FANOUT_BUCKETS[1])  # on a bound: counted in that bucket
+        histogram.observe(FANOUT_BUCKETS[-1] * 2)  # past the last bound: +Inf
+        counts = [bucket.get() for bucket in histogram._buckets]
+        assert counts == [0, 1] + [0] * (len(FANOUT_BUCKETS) - 2) + [1]
+        assert histogram._sum.get() == FANOUT_BUCKETS[1] + FANOUT_BUCKETS[-1] * 2
+        prometheus_adapter.add_observations(histogram, [2] + [0] * len(FANOUT_BUCKETS), 0.5)
+        assert histogram._buckets[0].get() == 2
+        assert histogram._sum.get() == FANOUT_BUCKETS[1] + FANOUT_BUCKETS[-1] * 2 + 0.5
+
+
+# Run with PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported, as in a
+# worker. Prints the exposition two ways: the documented collector over the whole directory,
+# and the adapter's merge of the same files; each holds a histogram fed by observe() and one fed
+# the same values by add_observations().
+_MULTIPROCESS_PROBE = """
+import bisect, glob, json, os, sys
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
+from ranger_py import prometheus_adapter
+from ranger_py.metrics import FANOUT_BUCKETS
+
+values = json.loads(sys.argv[1])
+theirs = Histogram("theirs", "h", buckets=FANOUT_BUCKETS, registry=None)
+ours = Histogram("ours", "h", buckets=FANOUT_BUCKETS, registry=None)
+counts = [0] * (len(FANOUT_BUCKETS) + 1)
+for value in values:
+    theirs.observe(value)
+    counts[bisect.bisect_left(FANOUT_BUCKETS, value)] += 1
+prometheus_adapter.add_observations(ours, counts, sum(values))
+
+documented = CollectorRegistry()
+multiprocess.MultiProcessCollector(documented)
+
+class Merged:
+    def collect(self):
+        files = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db"))
+        return prometheus_adapter.merge_files(files)
+
+merged = CollectorRegistry()
+merged.register(Merged())
+print(json.dumps([generate_latest(documented).decode(), generate_latest(merged).decode()]))
+"""
+
+
+def series(exposition: str, name: str) -> list[str]:
+    """The sample lines of one metric, under a neutral name."""
+    return sorted(
+        line.replace(name, "h", 1) for line in exposition.splitlines() if line.startswith(name)
+    )
+
+
+def test_prometheus_multiprocess_buckets_added_at_once_scrape_as_observed(tmp_path: Path) -> None:
+    values = [0.000001, 0.00001, 0.00002, 0.0003, 0.004, 0.5, 0.0099, 0.0099]
+    with prometheus_relies("multiprocess mode: _buckets, _sum, MultiProcessCollector.merge"):
+        probe = subprocess.run(
+            [sys.executable, "-c", _MULTIPROCESS_PROBE, json.dumps(values)],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert probe.returncode == 0, probe.stderr.strip().splitlines()[-1:]
+        documented, merged = json.loads(probe.stdout)
+        assert series(documented, "ours") == series(documented, "theirs")
+        assert f"ours_count {float(len(values))}" in documented
+        assert 'ours_bucket{le="0.01"} 7.0' in documented  # cumulative, as scraped
+        assert merged == documented
