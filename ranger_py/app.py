@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from ranger_py import gunicorn_adapter
 from ranger_py.auth import ANONYMOUS, Auth, Authenticator
 from ranger_py.config import Config
 from ranger_py.errors import AuthError, HandshakeError
@@ -143,7 +144,7 @@ class App:
 
         # gunicorn's socket object lets go; the fd is the gateway's now. The 101 goes out in the
         # same send as the first frames (one syscall, no gevent wrapper on the way).
-        fd = environ["gunicorn.socket"].detach()
+        fd = gunicorn_adapter.detach_socket(environ)
         self.backend.attach(fd, switching_protocols(accept), auth, path, streams)
         return HANDED_OVER
 

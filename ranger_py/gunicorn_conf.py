@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from typing import Any, NoReturn
 
-from gunicorn import systemd
-
+from ranger_py import gunicorn_adapter
 from ranger_py.config import Config, config_errors
 from ranger_py.errors import ConfigError
 from ranger_py.logs import logging_config
@@ -151,9 +149,9 @@ def on_starting(server: Any) -> None:
     # gunicorn's SIGINT is a quick stop: workers exit at once and clients see the TCP connection
     # drop. Ctrl-C takes SIGTERM's graceful path instead (every client closed with 1001); a second
     # Ctrl-C during that stop still makes gunicorn hurry.
-    server.handle_int = server.handle_term
+    gunicorn_adapter.sigint_stops_master_gracefully(server)
     # Listeners handed over by a USR2 re-exec or by systemd are already bound: nothing to check.
-    if not (server.master_pid or systemd.listen_fds(False)):
+    if not gunicorn_adapter.inherits_listeners(server):
         problem = _cannot_listen(_config.host, _config.port)
         if problem is not None:
             _abort(f"ranger-py: cannot listen on {bind[0]} (RANGER_HOST/RANGER_PORT): {problem}")
@@ -214,8 +212,7 @@ def post_worker_init(worker: Any) -> None:
     # A terminal's Ctrl-C reaches the workers too (same process group), and gunicorn's workers
     # quit at once on SIGINT: make it the graceful stop, as SIGTERM (RangerWorker.run closes
     # every client with 1001). The master's quick stop (SIGQUIT) still ends a worker at once.
-    signal.signal(signal.SIGINT, worker.handle_exit)
-    signal.siginterrupt(signal.SIGINT, False)
+    gunicorn_adapter.sigint_stops_worker_gracefully(worker)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,4 +1,7 @@
-"""Every Prometheus metric ranger-py exports (PROTOCOL §7); the only importer of prometheus_client.
+"""Every Prometheus metric ranger-py exports (PROTOCOL §7).
+
+Together with its adapter (ranger_py.prometheus_adapter, which holds every use of the library's
+internals) this is the only importer of prometheus_client.
 
 A server is a gunicorn master and its workers, and one scrape must report all of it. This is
 prometheus_client's multiprocess mode: every process writes its values to memory-mapped files in
@@ -36,6 +39,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ranger_py import prometheus_adapter
 
 __all__ = [
     "ProcessTreeCollector",
@@ -250,12 +255,8 @@ class WorkerMetrics:
                 self._dropped.labels(reason).inc(count)
             self.dropped.clear()
         if any(self._fanout_counts):
-            # Histogram.observe costs ~5 µs in multiprocess mode: add whole buckets instead.
-            # prometheus_client keeps per-bucket counts (not cumulative) in _buckets.
-            for bucket, count in zip(self._fanout._buckets, self._fanout_counts, strict=True):
-                if count:
-                    bucket.inc(count)
-            self._fanout._sum.inc(self._fanout_sum)
+            # Histogram.observe costs ~5 µs in multiprocess mode: whole buckets at once instead.
+            prometheus_adapter.add_observations(self._fanout, self._fanout_counts, self._fanout_sum)
             self._fanout_counts = [0] * len(self._fanout_counts)
             self._fanout_sum = 0.0
         self._connected.set(1 if broker_connected else 0)
@@ -406,9 +407,7 @@ class SettledFiles(Collector):
                     files.append(path)
             except FileNotFoundError:
                 pass  # a dead process's live gauges, removed since the glob
-        merge = multiprocess.MultiProcessCollector.merge
-        merged: Iterable[Metric] = merge(files, accumulate=True)  # type: ignore[no-untyped-call]
-        return merged
+        return prometheus_adapter.merge_files(files)
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

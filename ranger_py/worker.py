@@ -7,6 +7,9 @@
 
 gunicorn imports this module in the master, before any worker has patched the standard library
 with gevent, so it must not import the application at module level.
+
+The methods overridden here are not gunicorn's documented API: ranger_py.gunicorn_adapter names
+each and what it relies on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventWorker
+
+from ranger_py import gunicorn_adapter
 
 __all__ = ["RangerWorker"]
 
@@ -30,9 +35,8 @@ class RangerWorker(GeventWorker):  # type: ignore[misc]
 
     def is_already_handled(self, respiter: Any) -> bool:
         if respiter is self._handed_over:
-            # gunicorn's async worker ends the connection loop on StopIteration; the socket was
-            # detached from its object, so gunicorn's close() leaves the fd to the hub.
-            raise StopIteration
+            # The socket was detached from its object: gunicorn's close() leaves the fd to the gateway.
+            gunicorn_adapter.leave_connection()
         return bool(super().is_already_handled(respiter))
 
     def run(self) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ranger_py import gunicorn_adapter
 from ranger_py.app import HANDED_OVER
 from ranger_py.clients import Clients, Limits
 from ranger_py.config import Config
@@ -57,7 +58,7 @@ class EchoApp:
         except HandshakeError as exc:
             start_response(f"{exc.status} Refused", [("Content-Type", "application/json")])
             return [exc.body]
-        fd = environ["gunicorn.socket"].detach()
+        fd = gunicorn_adapter.detach_socket(environ)
         ws = self.clients.attach(fd, switching_protocols(accept), EchoConnection)
         ws.flush()
         return HANDED_OVER

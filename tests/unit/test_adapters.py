@@ -1,4 +1,6 @@
-"""What the adapters rely on in wsproto, gevent, py-amqp and kombu, checked one reliance at a time.
+"""What the adapters rely on in each library, checked one reliance at a time.
+
+The libraries: wsproto, gevent, py-amqp and kombu, prometheus-client, and gunicorn.
 
 Each test exercises exactly the internal its adapter uses, against the installed library. When an
 upgrade breaks one, the failure names the library, the installed and pinned versions and the
@@ -7,9 +9,15 @@ adapter to fix, instead of surfacing later as a confusing failure somewhere in t
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,20 +28,36 @@ from typing import Any
 
 import amqp
 import gevent
+import gevent.socket
 import pytest
 from amqp import spec
 from amqp.basic_message import Message as AmqpMessage
 from amqp.exceptions import error_for_code
 from amqp.serialization import dumps
 from amqp.transport import TCPTransport
+from gunicorn import systemd
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn.glogging import Logger
+from gunicorn.workers.base import Worker
+from gunicorn.workers.ggevent import GeventWorker
 from kombu.connection import Connection as KombuConnection
 from kombu.mixins import ConsumerMixin
 from kombu.transport import pyamqp
+from prometheus_client import Histogram
 
-from ranger_py import amqp_adapter, gevent_adapter, wsproto_adapter
+from ranger_py import (
+    amqp_adapter,
+    gevent_adapter,
+    gunicorn_adapter,
+    prometheus_adapter,
+    wsproto_adapter,
+)
+from ranger_py.metrics import FANOUT_BUCKETS
 from ranger_py.wsproto_adapter import Opcode
 
-REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+ROOT = Path(__file__).resolve().parents[2]
+REQUIREMENTS = ROOT / "requirements.txt"
 
 
 def pinned(dist: str) -> str:
@@ -46,7 +70,8 @@ def relied_on(dist: str, what: str, adapter: str) -> Iterator[None]:
     """Turn any failure inside into one message: library, versions, reliance, adapter."""
     try:
         yield
-    except Exception as exc:  # assertions included: each one checks the reliance named here
+    except (Exception, pytest.fail.Exception) as exc:
+        # Assertions and pytest.raises's "DID NOT RAISE" too: each checks the reliance named here.
         pytest.fail(
             f"{dist} {version(dist)}: {what} no longer holds; ranger-py relies on it as of "
             f"{dist} {pinned(dist)} (requirements.txt): see ranger_py/{adapter}.py "
@@ -351,3 +376,289 @@ def test_kombu_consumer_mixin_connects_through_establish_connection() -> None:
             pass
         assert probe.used
     probe.connection.release()
+
+
+# -- prometheus-client -----------------------------------------------------------------------
+
+
+def prometheus_relies(what: str) -> Any:
+    return relied_on("prometheus-client", what, "prometheus_adapter")
+
+
+def test_prometheus_histogram_keeps_one_value_per_bucket_not_cumulative() -> None:
+    with prometheus_relies("Histogram._buckets (one value per bound and +Inf, own bucket only)"):
+        histogram = Histogram("probe", "p", buckets=FANOUT_BUCKETS, registry=None)
+        assert len(histogram._buckets) == len(FANOUT_BUCKETS) + 1
+        histogram.observe(FANOUT_BUCKETS[1])  # on a bound: counted in that bucket
+        histogram.observe(FANOUT_BUCKETS[-1] * 2)  # past the last bound: +Inf
+        counts = [bucket.get() for bucket in histogram._buckets]
+        assert counts == [0, 1] + [0] * (len(FANOUT_BUCKETS) - 2) + [1]
+        assert histogram._sum.get() == FANOUT_BUCKETS[1] + FANOUT_BUCKETS[-1] * 2
+        prometheus_adapter.add_observations(histogram, [2] + [0] * len(FANOUT_BUCKETS), 0.5)
+        assert histogram._buckets[0].get() == 2
+        assert histogram._sum.get() == FANOUT_BUCKETS[1] + FANOUT_BUCKETS[-1] * 2 + 0.5
+
+
+# Run with PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported, as in a
+# worker. Prints the exposition two ways: the documented collector over the whole directory,
+# and the adapter's merge of the same files; each holds a histogram fed by observe() and one fed
+# the same values by add_observations().
+_MULTIPROCESS_PROBE = """
+import bisect, glob, json, os, sys
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
+from ranger_py import prometheus_adapter
+from ranger_py.metrics import FANOUT_BUCKETS
+
+values = json.loads(sys.argv[1])
+theirs = Histogram("theirs", "h", buckets=FANOUT_BUCKETS, registry=None)
+ours = Histogram("ours", "h", buckets=FANOUT_BUCKETS, registry=None)
+counts = [0] * (len(FANOUT_BUCKETS) + 1)
+for value in values:
+    theirs.observe(value)
+    counts[bisect.bisect_left(FANOUT_BUCKETS, value)] += 1
+prometheus_adapter.add_observations(ours, counts, sum(values))
+
+documented = CollectorRegistry()
+multiprocess.MultiProcessCollector(documented)
+
+class Merged:
+    def collect(self):
+        files = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db"))
+        return prometheus_adapter.merge_files(files)
+
+merged = CollectorRegistry()
+merged.register(Merged())
+print(json.dumps([generate_latest(documented).decode(), generate_latest(merged).decode()]))
+"""
+
+
+def series(exposition: str, name: str) -> list[str]:
+    """The sample lines of one metric, under a neutral name."""
+    return sorted(
+        line.replace(name, "h", 1) for line in exposition.splitlines() if line.startswith(name)
+    )
+
+
+def test_prometheus_multiprocess_buckets_added_at_once_scrape_as_observed(tmp_path: Path) -> None:
+    values = [0.000001, 0.00001, 0.00002, 0.0003, 0.004, 0.5, 0.0099, 0.0099]
+    with prometheus_relies("multiprocess mode: _buckets, _sum, MultiProcessCollector.merge"):
+        probe = subprocess.run(
+            [sys.executable, "-c", _MULTIPROCESS_PROBE, json.dumps(values)],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert probe.returncode == 0, probe.stderr.strip().splitlines()[-1:]
+        documented, merged = json.loads(probe.stdout)
+        assert series(documented, "ours") == series(documented, "theirs")
+        assert f"ours_count {float(len(values))}" in documented
+        assert 'ours_bucket{le="0.01"} 7.0' in documented  # cumulative, as scraped
+        assert merged == documented
+
+
+# -- gunicorn --------------------------------------------------------------------------------
+
+
+def gunicorn_relies(what: str) -> Any:
+    return relied_on("gunicorn", what, "gunicorn_adapter")
+
+
+Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Any]
+
+
+def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+
+
+class ProbeApp(BaseApplication):  # type: ignore[misc]
+    """A gunicorn application with the default settings, serving ``wsgi``."""
+
+    def __init__(self, wsgi: Wsgi = hello) -> None:
+        self._wsgi = wsgi
+        super().__init__()
+
+    def load_config(self) -> None:
+        pass
+
+    def load(self) -> Wsgi:
+        return self._wsgi
+
+
+class Stop(Exception):
+    """Raised by a hook to leave gunicorn's startup once the hook has seen what it needs."""
+
+
+@pytest.fixture
+def arbiter(monkeypatch: pytest.MonkeyPatch) -> Arbiter:
+    monkeypatch.setenv("SERVER_SOFTWARE", "")  # the Arbiter sets it; restored afterwards
+    for variable in ("GUNICORN_PID", "LISTEN_PID", "LISTEN_FDS"):
+        monkeypatch.delenv(variable, raising=False)
+    return Arbiter(ProbeApp())
+
+
+def test_gunicorn_arbiter_runs_handle_int_looked_up_on_the_instance(arbiter: Arbiter) -> None:
+    stops: list[bool] = []
+    with gunicorn_relies(
+        "the Arbiter calls handle_<signal>() found on the instance; TERM graceful"
+    ):
+        assert re.search(
+            r"getattr\(\s*self\s*,\s*[\"']handle_%s[\"']\s*%\s*signame",
+            inspect.getsource(Arbiter.run),
+        ), "the main loop no longer looks signal handlers up on the instance"
+        arbiter.stop = lambda graceful=True: stops.append(graceful)
+        with pytest.raises(StopIteration):  # the main loop halts on it, stopping gracefully
+            arbiter.handle_term()
+        with pytest.raises(StopIteration):
+            arbiter.handle_int()
+        assert stops == [False], "handle_int is no longer the quick stop, handle_term the graceful"
+
+        gunicorn_adapter.sigint_stops_master_gracefully(arbiter)
+        stops.clear()
+        with pytest.raises(StopIteration):
+            arbiter.handle_int()
+        assert stops == []
+        # A second Ctrl-C during the graceful stop: the stop's own wait turns it into a quick one.
+        assert "signal.SIGINT" in inspect.getsource(Arbiter.stop)
+
+
+def test_gunicorn_master_pid_is_set_before_on_starting(
+    arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    def on_starting(server: Any) -> None:
+        seen.append((server.master_pid, gunicorn_adapter.inherits_listeners(server)))
+        raise Stop
+
+    with gunicorn_relies(
+        "Arbiter.master_pid: 0, or the old master's pid after USR2, by on_starting"
+    ):
+        arbiter.cfg.set("on_starting", on_starting)
+        with pytest.raises(Stop):
+            arbiter.start()
+        monkeypatch.setenv("GUNICORN_PID", "4242")  # what a USR2 re-exec's new master is given
+        with pytest.raises(Stop):
+            arbiter.start()
+        assert seen == [(0, False), (4242, True)]
+
+
+def test_gunicorn_systemd_listen_fds_counts_and_keeps_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with gunicorn_relies("systemd.listen_fds(unset_environment): the count; False keeps LISTEN_*"):
+        monkeypatch.setenv("LISTEN_FDS", "2")
+        monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+        assert systemd.listen_fds(False) == 2
+        assert gunicorn_adapter.inherits_listeners(SimpleNamespace(master_pid=0))
+        assert os.environ["LISTEN_FDS"] == "2", "gunicorn would no longer find its sockets"
+        assert os.environ["LISTEN_PID"] == str(os.getpid())
+        monkeypatch.setenv("LISTEN_PID", "1")  # passed to another process, not to this one
+        assert not gunicorn_adapter.inherits_listeners(SimpleNamespace(master_pid=0))
+
+
+# What app.py returns for a socket the hub took over.
+HANDED_OVER: list[bytes] = []
+
+
+class HandOverProbe(GeventWorker):  # type: ignore[misc]
+    """What worker.RangerWorker's is_already_handled does, on gunicorn's own GeventWorker."""
+
+    def is_already_handled(self, respiter: Any) -> bool:
+        if respiter is HANDED_OVER:
+            gunicorn_adapter.leave_connection()
+        return bool(super().is_already_handled(respiter))
+
+
+@contextmanager
+def gevent_worker(wsgi: Wsgi = hello) -> Iterator[tuple[HandOverProbe, Any]]:
+    """A worker as gunicorn makes one (not forked), on a loopback listener, its wsgi loaded."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    app = ProbeApp(wsgi)
+    worker = HandOverProbe(0, os.getppid(), [listener], app, 30, app.cfg, Logger(app.cfg))
+    try:
+        worker.load_wsgi()
+        yield worker, listener
+    finally:
+        listener.close()
+        worker.tmp.close()
+
+
+def test_gunicorn_gevent_worker_has_the_hooks_worker_py_overrides() -> None:
+    shapes = {
+        "load_wsgi": ["self"],
+        "is_already_handled": ["self", "respiter"],
+        "run": ["self"],
+        "handle_exit": ["self", "sig", "frame"],
+    }
+    with gunicorn_relies("GeventWorker's load_wsgi, is_already_handled, run, handle_exit"):
+        for name, parameters in shapes.items():
+            assert list(inspect.signature(getattr(GeventWorker, name)).parameters) == parameters
+        with gevent_worker() as (worker, _listener):
+            assert worker.wsgi is hello, "load_wsgi no longer sets self.wsgi"
+            assert float(worker.cfg.graceful_timeout) == 30.0  # the setting's default, seconds
+            assert worker.alive
+            worker.handle_exit(signal.SIGTERM, None)
+            assert not worker.alive
+        # handle_exit is what a worker runs on SIGTERM, the graceful stop.
+        assert re.search(r"SIGTERM\s*,\s*self\.handle_exit", inspect.getsource(Worker.init_signals))
+
+
+def test_gunicorn_keep_alive_loop_ends_on_stop_iteration_and_leaves_the_fd() -> None:
+    """Two requests on one connection: the first is handed over, the second never read."""
+    calls: list[str] = []
+    taken: list[int] = []
+
+    def take_socket(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        calls.append(environ["PATH_INFO"])
+        taken.append(gunicorn_adapter.detach_socket(environ))
+        return HANDED_OVER
+
+    with (
+        gunicorn_relies("StopIteration from is_already_handled ends AsyncWorker.handle's loop"),
+        gevent_worker(take_socket) as (worker, listener),
+    ):
+        assert worker.cfg.keepalive, (
+            "keepalive is on (gunicorn_conf.py): this must take the keep-alive loop"
+        )
+        client = gevent.socket.create_connection(listener.getsockname())
+        try:
+            client.sendall(
+                b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+            )
+            conn, addr = listener.accept()
+            worker.handle(listener, conn, addr)  # returns: the loop ended
+            assert calls == ["/one"], "gunicorn read another request from a handed-over socket"
+            assert isinstance(taken[0], int) and conn.fileno() == -1
+            os.write(taken[0], b"ours")  # the fd is still open, and nothing was written before
+            os.close(taken[0])
+            client.settimeout(2)
+            received = b""
+            while chunk := client.recv(64):
+                received += chunk
+            assert received == b"ours"
+        finally:
+            client.close()
+
+
+def test_gunicorn_gevent_worker_run_returns_once_it_stops_accepting() -> None:
+    with (
+        gunicorn_relies("GeventWorker.run() returns after handle_exit, its listener closed"),
+        gevent_worker() as (worker, listener),
+    ):
+        address = listener.getsockname()
+        running = gevent.spawn(worker.run)
+        with gevent.socket.create_connection(address) as client:  # it serves
+            client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            client.settimeout(2)
+            assert client.recv(64).startswith(b"HTTP/1.1 200")
+        worker.handle_exit(signal.SIGTERM, None)
+        running.join(timeout=5)  # it looks at alive once a second
+        assert running.dead, "run() did not return after handle_exit"
+        assert running.exception is None
+        with pytest.raises(ConnectionRefusedError):  # run() closed the listener itself
+            gevent.socket.create_connection(address, timeout=2)
