@@ -465,7 +465,9 @@ def _assert_gap_free_book(frames: list[dict[str, object]], market: str) -> None:
     sequences = [frame["sequence"] for frame in frames]
     increments = frames[1:]
     assert all(frame["stream"] == f"{market}.ob-inc" for frame in increments), frames
-    assert sequences == list(range(sequences[0], sequences[0] + len(frames))), sequences
+    first = sequences[0]
+    assert isinstance(first, int), sequences
+    assert sequences == list(range(first, first + len(frames))), sequences
 
 
 def test_demo_publishes_a_book_a_client_applies_without_a_gap(
