@@ -30,7 +30,7 @@ from bench import report
 from bench.rpc import ChildError
 from bench.runner import Bench, OutOfTime, Settings
 from bench.scenarios import SCENARIOS
-from bench.server import REPO, Broker, BrokerError, ServerFailed, ServerSpec
+from bench.server import REPO, Broker, BrokerUnavailable, ServerFailed, ServerSpec
 
 __all__ = ["main"]
 
@@ -271,7 +271,7 @@ def _run(
                     {"scenario": name, "server": spec.label, "result": {"error": str(exc)}}
                 )
                 return
-            except (ServerFailed, ChildError, BrokerError, OSError) as exc:
+            except (ServerFailed, ChildError, BrokerUnavailable, OSError) as exc:
                 failures.append(f"{name} on {spec.label}: {exc}")
                 data = {"error": str(exc)}
                 if isinstance(exc, ChildError):
@@ -369,13 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     except Watchdog:
         failures.append("watchdog: the run overran its time budget")
-    except (BrokerError, ChildError, OSError) as exc:
+    except (BrokerUnavailable, ChildError, OSError) as exc:
         failures.append(str(exc))
     finally:
         signal.alarm(0)
         try:
             bench.stop()
-        except (BrokerError, ChildError, OSError, subprocess.SubprocessError) as exc:
+        except (BrokerUnavailable, ChildError, OSError, subprocess.SubprocessError) as exc:
             failures.append(f"cleanup: {exc}")
     document.update(
         seconds=round(time.monotonic() - started, 1), results=results, failures=failures

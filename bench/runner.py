@@ -365,7 +365,7 @@ class Bench:
             problems = server.problems()
             with contextlib.suppress(Exception):
                 self.lg.close()
-            notes["shutdown"] = server.stop()
+            notes["shutdown"] = server.stop_report()
             if notes["shutdown"].get("killed"):
                 problems.append(f"did not stop within {notes['shutdown']['stop_s']} s: killed")
             elif notes["shutdown"].get("exit_code") not in (0, None):

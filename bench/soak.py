@@ -37,7 +37,7 @@ from typing import Any
 from bench import procs, soakreport
 from bench.cli import _machine, _require_loopback, check_dependencies, raise_interrupt
 from bench.rpc import Child, ChildError
-from bench.server import EXCHANGE, REPO, Broker, BrokerError, Server, ServerFailed, ServerSpec
+from bench.server import EXCHANGE, REPO, Broker, BrokerUnavailable, Server, ServerFailed, ServerSpec
 from bench.tokens import Signer, uid
 
 __all__ = ["SoakSettings", "main", "verdict"]
@@ -772,7 +772,7 @@ class Soak:
         def attempt(what: str, action: Any) -> None:
             try:
                 action()
-            except (BrokerError, ChildError, OSError, subprocess.SubprocessError) as exc:
+            except (BrokerUnavailable, ChildError, OSError, subprocess.SubprocessError) as exc:
                 problems.append(f"cleanup ({what}): {exc}")
 
         # A helper busy with a command (a publisher mid-run) reads "quit" only when done:
@@ -782,7 +782,7 @@ class Soak:
             attempt(child.name, lambda child=child: child.close(timeout))
         if self.server is not None:
             server = self.server
-            attempt("server", lambda: self.doc.__setitem__("server_stop", server.stop()))
+            attempt("server", lambda: self.doc.__setitem__("server_stop", server.stop_report()))
             self.doc["server_problems"] = server.problems()
         if self.proxy is not None:
             proxy = self.proxy
@@ -899,7 +899,7 @@ def _execute(soak: Soak) -> int:
         return 130
     except _Watchdog:
         doc["failure"] = "watchdog: the run overran its time budget"
-    except (BrokerError, ChildError, ServerFailed, OSError) as exc:
+    except (BrokerUnavailable, ChildError, ServerFailed, OSError) as exc:
         doc["failure"] = str(exc)
     finally:
         signal.alarm(0)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from ranger_py.consumer import Consumer, Timings
+from testbed.waiting import wait_until
 
 # Production's pauses cut short, for the unit tests: the consume loop wakes up, redials and
 # restarts within a few hundredths of a second instead of whole seconds. The timeouts and the
@@ -25,11 +23,8 @@ FAST_TIMINGS = Timings(
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    """:func:`wait_until` with the consumer tests' defaults: 5 s, polled every 10 ms."""
+    wait_until(condition, timeout=timeout, what=what, interval=0.01)
 
 
 class Recorder:

@@ -8,87 +8,20 @@ Never stops or reconfigures the shared broker: each test session works in its ow
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
-import shutil
-import socket
-import subprocess
-from typing import Any
 
 import amqp
 
+from testbed.rabbitmq import START_HINT, BrokerUnavailable, VhostAdmin
+
 __all__ = ["START_HINT", "Broker", "BrokerUnavailable", "Publisher"]
 
-START_HINT = (
-    "start it with `rabbitmq-server -detached && rabbitmqctl await_startup` "
-    "(install it with `apt-get install rabbitmq-server`)"
-)
 
-
-class BrokerUnavailable(Exception):
-    """RabbitMQ cannot be used; the message says how to fix it."""
-
-
-class Broker:
-    """A vhost of its own on the broker at ``host:port``, administered with ``rabbitmqctl``."""
+class Broker(VhostAdmin):
+    """A vhost of its own (``ranger-test-<random>``) on the broker at ``host:port``, as guest."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 5672) -> None:
-        self.host = host
-        self.port = port
-        self.user = "guest"
-        self.password = "guest"
-        self.vhost = f"ranger-test-{secrets.token_hex(4)}"
-        ctl = shutil.which("rabbitmqctl")
-        if ctl is None:
-            raise BrokerUnavailable(f"rabbitmqctl is not installed; {START_HINT}")
-        self._ctl = ctl
-
-    def check_reachable(self) -> None:
-        try:
-            socket.create_connection((self.host, self.port), timeout=3).close()
-        except OSError as exc:
-            raise BrokerUnavailable(
-                f"RabbitMQ is not reachable on {self.host}:{self.port} ({exc}); {START_HINT}"
-            ) from exc
-
-    def ctl(self, *args: str) -> str:
-        result = subprocess.run(
-            [self._ctl, "-q", *args], capture_output=True, text=True, timeout=60, check=False
-        )
-        if result.returncode != 0:
-            raise BrokerUnavailable(
-                f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): "
-                f"{result.stderr.strip() or result.stdout.strip()}"
-            )
-        return result.stdout
-
-    def create_vhost(self) -> None:
-        self.ctl("add_vhost", self.vhost)
-        self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
-
-    def delete_vhost(self) -> None:
-        self.ctl("delete_vhost", self.vhost)
-
-    def _list(self, *args: str) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = json.loads(
-            self.ctl(*args, "-p", self.vhost, "--formatter", "json") or "[]"
-        )
-        return rows
-
-    def consuming_queues(self, exchange: str) -> int:
-        """Queues bound to ``exchange`` that have a consumer: one per ready server worker."""
-        bound = {
-            row["destination_name"]
-            for row in self._list(
-                "list_bindings", "source_name", "destination_name", "destination_kind"
-            )
-            if row["source_name"] == exchange and row["destination_kind"] == "queue"
-        }
-        return sum(
-            1
-            for row in self._list("list_queues", "name", "consumers")
-            if row["name"] in bound and int(row["consumers"]) > 0
-        )
+        super().__init__(f"ranger-test-{secrets.token_hex(4)}", host=host, port=port)
 
     def publisher(self) -> Publisher:
         return Publisher(self)

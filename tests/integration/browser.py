@@ -27,6 +27,8 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from testbed.waiting import TimedOut, wait_until
+
 __all__ = ["CHROMIUM", "Browser", "BrowserError"]
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -128,19 +130,20 @@ class Browser:
     def _devtools_port(self) -> int:
         """The port Chromium chose, from the first line of ``DevToolsActivePort``."""
         path = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
+
+        def port() -> int | None:
             self._check_alive()
             try:
                 lines = path.read_text().splitlines()
             except FileNotFoundError:
                 lines = []
             # Chromium may be caught writing it: wait for the second line (the browser's path).
-            if len(lines) >= 2 and lines[0].isdigit():
-                return int(lines[0])
-            if time.monotonic() > deadline:
-                raise self._fail(f"no {path} within {START_TIMEOUT} s")
-            time.sleep(0.05)
+            return int(lines[0]) if len(lines) >= 2 and lines[0].isdigit() else None
+
+        try:
+            return wait_until(port, timeout=START_TIMEOUT, what=str(path))
+        except TimedOut as exc:
+            raise self._fail(str(exc)) from None
 
     def _http_json(self, port: int, method: str, path: str) -> Any:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=COMMAND_TIMEOUT)
@@ -213,14 +216,10 @@ class Browser:
 
     def wait_for(self, expression: str, *, timeout: float, what: str) -> Any:
         """Poll a JavaScript expression until it is truthy; fail after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BrowserError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.05)
+        try:
+            return wait_until(lambda: self.evaluate(expression), timeout=timeout, what=what)
+        except TimedOut as exc:
+            raise BrowserError(str(exc)) from None
 
     def navigate(self, url: str, timeout: float = COMMAND_TIMEOUT) -> None:
         """Load ``url`` in the page and wait until its document has loaded."""

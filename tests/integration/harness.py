@@ -5,22 +5,20 @@ exchange (unless a test asks for Peatio's default one) so servers running side b
 each other's messages. Servers with the same environment are shared across the session; a test
 that kills or disturbs its server starts a dedicated one. Readiness is a condition, never a
 sleep: ``/readyz`` answers 200 and, with several workers, every worker's queue is consumed.
+Starting, stopping and reading the log are testbed.server's, shared with the benchmark.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TypeVar
+
+from testbed.server import REPO, ServerFailed, ServerProcess, free_port
+from testbed.waiting import wait_until
 
 from .broker import Broker, Publisher
 from .scrape import Scrape
@@ -31,6 +29,7 @@ __all__ = [
     "REPO",
     "Connect",
     "Server",
+    "ServerFailed",
     "ServerPool",
     "StartServer",
     "free_port",
@@ -38,17 +37,8 @@ __all__ = [
     "wait_until",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_EXCHANGE = "peatio.events.ranger"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
-LOG_TAIL_LINES = 200
-
-# Inherited variables that would change the server's behaviour; every test states its own.
-_CONFIG_PREFIXES = ("RANGER_", "RABBITMQ_", "JWT_", "RANGO_RBAC_", "METRICS_", "API_CORS_")
-_CONFIG_NAMES = {"PORT", "WEB_CONCURRENCY", "LOG_LEVEL", "CLOUDAMQP_URL", "AMQP_URL"}
-
-T = TypeVar("T")
 
 # The ``connect`` fixture: ``connect(server, path="/public", **client_options) -> Client``.
 Connect = Callable[..., Client]
@@ -56,46 +46,17 @@ Connect = Callable[..., Client]
 StartServer = Callable[..., "Server"]
 
 
-def wait_until(
-    condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def unique(prefix: str = "m") -> str:
     """A fresh market-like name, so tests sharing a server never share a stream."""
     return f"{prefix}{secrets.token_hex(4)}"
 
 
-def _inherited_environment() -> dict[str, str]:
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _CONFIG_NAMES and not key.startswith(_CONFIG_PREFIXES)
-    }
+class Server(ServerProcess):
+    """One gunicorn master (and its workers) running ranger-py, with debug logs.
 
-
-class ServerFailed(Exception):
-    """The server exited or never became ready; the message carries its log."""
-
-
-class Server:
-    """One gunicorn master (and its workers) running ranger-py."""
+    Started with ``python -m gunicorn``, as users start it; a test may set ``command`` to the
+    Procfile's instead, or ``cwd`` to run an installed copy outside the checkout.
+    """
 
     def __init__(
         self,
@@ -108,63 +69,29 @@ class Server:
         exchange: str,
         rabbitmq: tuple[str, int] | None = None,
     ) -> None:
-        self.name = name
+        super().__init__(
+            name,
+            broker=broker,
+            log_path=log_path,
+            rabbitmq=rabbitmq,
+            env={
+                "LOG_LEVEL": "debug",
+                **({} if exchange == DEFAULT_EXCHANGE else {"RANGER_EXCHANGE": exchange}),
+                **env,
+            },
+        )
         self.exchange = exchange
-        self.port = free_port()
-        self.metrics_port = free_port()
         self.workers = int(env.get("WEB_CONCURRENCY", "1"))
-        self.log_path = log_path
-        self._broker = broker
         self._publisher = publisher
-        rabbit_host, rabbit_port = rabbitmq or (broker.host, broker.port)
-        self.env = {
-            **_inherited_environment(),
-            "PYTHONUNBUFFERED": "1",
-            "RANGER_HOST": "127.0.0.1",
-            "RANGER_PORT": str(self.port),
-            "METRICS_HOST": "127.0.0.1",
-            "METRICS_PORT": str(self.metrics_port),
-            "RABBITMQ_HOST": rabbit_host,
-            "RABBITMQ_PORT": str(rabbit_port),
-            "RABBITMQ_VHOST": broker.vhost,
-            "LOG_LEVEL": "debug",
-            **({} if exchange == DEFAULT_EXCHANGE else {"RANGER_EXCHANGE": exchange}),
-            **env,
-        }
-        # How users start it; a test may run the Procfile's command instead.
-        self.command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
-        self._log: IO[bytes] | None = None
-        self.process: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Server {self.name} :{self.port}>"
 
-    # lifecycle
-
     def start(self, *, wait: bool = True) -> Server:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=REPO,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Its own process group, so a stuck server can be killed with its workers.
-            start_new_session=True,
-        )
+        self.launch()
         if wait:
             self.wait_ready()
         return self
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def _check_alive(self) -> None:
-        if not self.alive:
-            code = None if self.process is None else self.process.returncode
-            raise ServerFailed(f"{self.name} exited with {code}; log:\n{self.log_tail()}")
 
     def readyz(self) -> HttpResponse | None:
         try:
@@ -172,86 +99,20 @@ class Server:
         except OSError:
             return None
 
-    def _all_workers_consuming(self) -> bool:
-        self._check_alive()
-        return self._broker.consuming_queues(self.exchange) >= self.workers
-
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
 
         def ready() -> bool:
-            self._check_alive()
             response = self.readyz()
             return response is not None and response.status == 200
 
-        try:
-            wait_until(ready, timeout=timeout, what=f"{self.name} /readyz 200")
-            if self.workers > 1:
-                # /readyz answers for one worker only: wait for every worker's queue.
-                wait_until(
-                    self._all_workers_consuming,
-                    timeout=max(deadline - time.monotonic(), 5.0),
-                    what=f"{self.workers} consuming queues on {self.exchange}",
-                    interval=0.2,
-                )
-        except AssertionError as exc:
-            raise ServerFailed(f"{exc}; log:\n{self.log_tail()}") from None
+        self.wait_while_alive(ready, timeout=timeout, what=f"{self.name} /readyz 200")
+        if self.workers > 1:
+            self.wait_all_consuming(timeout=max(deadline - time.monotonic(), 5.0))
 
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def worker_pids(self) -> list[int]:
-        """The gunicorn workers now running: the master's child processes."""
-        self._check_alive()
-        assert self.process is not None
-        pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        return [int(child) for child in children.split()]
-
-    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout=timeout)
-
-    def terminate(self) -> None:
-        """Ask the server to stop (SIGTERM, gunicorn's graceful shutdown) without waiting."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, then SIGKILL to the whole group past ``timeout``; returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.process.returncode
-
-    # logs
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, offset: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(offset)
-                return log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(self.log_text(offset).splitlines()[-lines:])
+    def wait_all_consuming(self, timeout: float) -> None:
+        """Every worker's queue on this server's exchange has its consumer."""
+        self.wait_consuming(self.exchange, self.workers, timeout=timeout)
 
     # talking to it
 

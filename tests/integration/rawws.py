@@ -107,7 +107,7 @@ class RawSocket:
 
     def until_close(self, timeout: float = 30.0) -> tuple[list[tuple[int, bytes]], int, bytes]:
         """Read frames until the close frame: (frames before it, close code, close reason)."""
-        frames = []
+        frames: list[tuple[int, bytes]] = []
         deadline = time.monotonic() + timeout
         while True:
             opcode, payload = self.frame(timeout=max(0.01, deadline - time.monotonic()))

@@ -7,11 +7,12 @@ asserts one scrape: it waits, with a deadline, until the figures it expects are 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from testbed.waiting import wait_until
 
 __all__ = ["FIGURES_TIMEOUT", "Key", "Scrape", "key", "wait_for_figures"]
 
@@ -72,20 +73,22 @@ def wait_for_figures(
     timeout: float = FIGURES_TIMEOUT,
 ) -> Scrape:
     """Scrape until every expected sample has exactly its value; fail with the last differences."""
-    deadline = time.monotonic() + timeout
-    while True:
+    wrong: dict[Key, float] = {}
+
+    def settled() -> Scrape | None:
         current = scrape()
-        wrong = {
-            wanted: current.samples.get(wanted, 0.0)
+        wrong.clear()
+        wrong.update(
+            (wanted, current.samples.get(wanted, 0.0))
             for wanted, value in expected.items()
             if current.samples.get(wanted, 0.0) != value
-        }
-        if not wrong:
-            return current
-        if time.monotonic() > deadline:
-            differences = "; ".join(
-                f"{_show(wanted)} is {seen}, expected {expected[wanted]}"
-                for wanted, seen in wrong.items()
-            )
-            raise AssertionError(f"after {timeout} s of scrapes: {differences}")
-        time.sleep(0.1)
+        )
+        return None if wrong else current
+
+    def differences() -> str:
+        return "the expected figures: " + "; ".join(
+            f"{_show(wanted)} is {seen}, expected {expected[wanted]}"
+            for wanted, seen in wrong.items()
+        )
+
+    return wait_until(settled, timeout=timeout, what=differences, interval=0.1)

@@ -29,6 +29,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from .canary import Canary
 from .harness import Connect, Server, ServerPool, StartServer, unique
@@ -822,7 +823,9 @@ def _foreign_ec(key: SigningKey, stranger: SigningKey, uid: str) -> str:
 
 def _embedded_jwk(key: SigningKey, stranger: SigningKey, uid: str) -> str:
     # CVE-2018-0114 style: the token carries the key that verifies it.
-    public = jwt.algorithms.RSAAlgorithm.to_jwk(stranger.private_key.public_key(), as_dict=True)
+    private = stranger.private_key
+    assert isinstance(private, RSAPrivateKey), "an RSA stranger"
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
     return jwt.encode(_claims(uid), stranger.private_key, "RS256", headers={"jwk": public})
 
 
@@ -1045,7 +1048,7 @@ def test_issuer_and_audience_are_enforced_when_configured(
         },
         name="iss-aud",
     )
-    cases = {
+    cases: dict[str, tuple[dict[str, Any], str]] = {
         "wrong iss": ({"iss": "evil"}, "invalid issuer"),
         "iss case": ({"iss": "Barong"}, "invalid issuer"),
         "no iss": ({"iss": None}, "missing iss claim"),

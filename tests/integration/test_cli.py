@@ -169,32 +169,12 @@ def test_the_wheel_holds_the_package_and_the_command(installed: Installed) -> No
 # serve
 
 
-class InstalledServer(Server):
-    """A server started with the installed ``ranger-py serve``, outside the checkout."""
-
-    cwd: Path
-
-    def start(self, *, wait: bool = True) -> Server:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if wait:
-            self.wait_ready()
-        return self
-
-
 @pytest.fixture
 def installed_server(
     installed: Installed, pool: ServerPool, broker: Broker, publisher: Publisher, tmp_path: Path
-) -> Iterator[InstalledServer]:
-    server = InstalledServer(
+) -> Iterator[Server]:
+    """A server started with the installed ``ranger-py serve``, outside the checkout."""
+    server = Server(
         "installed-serve",
         # The flags must win over the environment's RANGER_HOST and RANGER_PORT.
         {"RANGER_HOST": "0.0.0.0", "RANGER_PORT": str(free_port())},
@@ -222,7 +202,7 @@ def installed_server(
 
 
 def test_serve_from_the_wheel_answers_and_ctrl_c_closes_clients_with_1001(
-    installed_server: InstalledServer, connect: Connect
+    installed_server: Server, connect: Connect
 ) -> None:
     server = installed_server.start()
     health = server.http("/healthz")
@@ -485,7 +465,9 @@ def _assert_gap_free_book(frames: list[dict[str, object]], market: str) -> None:
     sequences = [frame["sequence"] for frame in frames]
     increments = frames[1:]
     assert all(frame["stream"] == f"{market}.ob-inc" for frame in increments), frames
-    assert sequences == list(range(sequences[0], sequences[0] + len(frames))), sequences
+    first = sequences[0]
+    assert isinstance(first, int), sequences
+    assert sequences == list(range(first, first + len(frames))), sequences
 
 
 def test_demo_publishes_a_book_a_client_applies_without_a_gap(

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from kombu import Connection, Exchange
+from kombu.connection import Connection
+from kombu.entity import Exchange
 
 from ranger_py.consumer import Consumer
 from tests.consumer_support import Recorder, running, wait_for
@@ -59,9 +60,14 @@ def amqp_url(vhost: str) -> str:
     return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 
+def connection(vhost: str) -> Connection:
+    """A kombu connection to ``vhost``, as the test's publisher."""
+    return Connection(amqp_url(vhost))  # type: ignore[no-untyped-call]
+
+
 def publish_raw(vhost: str, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
     """Publish on a bare AMQP channel with exactly the properties given (Peatio sets none)."""
-    with Connection(amqp_url(vhost)) as conn:
+    with connection(vhost) as conn:
         channel = conn.default_channel
         message = channel.prepare_message(body, **props)
         channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
@@ -104,9 +110,11 @@ def test_rabbitmq_exchange_with_other_flags_is_used_as_it_is(
 ) -> None:
     received = Recorder()
     consumer = rabbit_consumer(vhost, received)
-    with Connection(amqp_url(vhost)) as conn:
-        durable = Exchange(consumer.exchange_name, type="topic", durable=True)
-        durable.declare(channel=conn.default_channel)
+    with connection(vhost) as conn:
+        durable = Exchange(  # type: ignore[no-untyped-call]
+            consumer.exchange_name, type="topic", durable=True
+        )
+        durable.declare(channel=conn.default_channel)  # type: ignore[no-untyped-call]
     with caplog.at_level(logging.WARNING, logger=LOGGER), running(consumer):
         wait_for(lambda: consumer.ready, what="ready")
         publish_raw(vhost, consumer.exchange_name, "public.btcusd.trades", b"{}")
@@ -164,7 +172,7 @@ def test_rabbitmq_heartbeats_are_sent_under_steady_traffic(vhost: str) -> None:
     sent = 0
     with running(consumer):
         wait_for(lambda: consumer.ready, what="ready")
-        with Connection(amqp_url(vhost)) as conn:
+        with connection(vhost) as conn:
             channel = conn.default_channel
             deadline = time.monotonic() + 12
             while time.monotonic() < deadline:

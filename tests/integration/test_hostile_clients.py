@@ -10,6 +10,7 @@ import base64
 import json
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -324,9 +325,9 @@ def test_readyz_says_unavailable_while_the_worker_is_full(
 
 
 @pytest.fixture
-def proxy(broker: Broker) -> TcpProxy:
+def proxy(broker: Broker) -> Iterator[TcpProxy]:
     proxy = TcpProxy(broker.host, broker.port)
-    yield proxy  # type: ignore[misc]
+    yield proxy
     proxy.close()
 
 

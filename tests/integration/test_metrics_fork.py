@@ -120,9 +120,7 @@ def test_scrapes_during_50_worker_kills_all_answer_and_every_worker_serves(
     # Nothing in the master can hold a value's lock at a fork: it runs one thread.
     assert _threads(server.process.pid) == 1
 
-    wait_until(
-        server._all_workers_consuming, timeout=20, what="both workers consuming", interval=0.2
-    )
+    server.wait_all_consuming(timeout=20)
     stream = f"{unique()}.trades"
     offset = server.log_size()
     clients: list[Client] = []

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from kombu import Connection, Exchange
+from kombu.connection import Connection
+from kombu.entity import Exchange
 
 from ranger_py.config import MIN_BROKER_HEARTBEAT
 from ranger_py.consumer import TIMINGS, Consumer, Timings
@@ -84,9 +85,9 @@ def test_timings_reach_the_connection() -> None:
     timings = Timings(connect_timeout=1.5, memory_poll_interval=0.005)
     amqp = Consumer("amqp://guest:guest@127.0.0.1:5672//", "ex", Recorder(), timings=timings)
     assert amqp.connection.connect_timeout == 1.5
-    assert "polling_interval" not in amqp.connection.transport_options
+    assert "polling_interval" not in (amqp.connection.transport_options or {})
     memory = Consumer("memory://", "ex", Recorder(), timings=timings)
-    assert memory.connection.transport_options["polling_interval"] == 0.005
+    assert (memory.connection.transport_options or {})["polling_interval"] == 0.005
 
 
 def test_queue_is_server_named_exclusive_and_bounded() -> None:
@@ -253,6 +254,7 @@ def test_a_lost_connection_is_re_established_and_counted(
 
     received = Recorder()
     consumer = memory_consumer(received, DroppingConsumer)
+    assert isinstance(consumer, DroppingConsumer)
     with caplog.at_level(logging.INFO, logger=LOGGER), running(consumer):
         wait_for(lambda: consumer.ready, what="ready")
         consumer.drops = 1

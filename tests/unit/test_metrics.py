@@ -264,7 +264,7 @@ class _Hostile:
 
 
 def test_the_exposition_survives_a_label_value_that_has_no_utf8_form() -> None:
-    text = exposition(SafeLabels(_Hostile()))  # type: ignore[arg-type]
+    text = exposition(SafeLabels(_Hostile()))
     assert sample(text, f'g{{topic="{INVALID_LABEL}"}}') == 1
     assert sample(text, 'g{topic="fine.x"}') == 2
 

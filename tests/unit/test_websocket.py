@@ -268,7 +268,7 @@ def test_parser_exists_only_while_a_frame_is_in_flight(pair: tuple[Owner, Any, P
 
 
 def _read_until_close(peer: Peer) -> tuple[list[int], bytes]:
-    opcodes = []
+    opcodes: list[int] = []
     while True:
         opcode, payload = peer.frame()
         if opcode == 0x8:
