@@ -24,7 +24,8 @@ Tables, every one pruned as soon as an entry empties:
 
 * :class:`Delivery` with recipients: received and delivered.
 * :class:`Delivery` with no recipients: received, nobody to deliver to. A public ``-snap``
-  is reported this way too: it is cached, never broadcast live (§6).
+  is mostly reported this way too: it is cached, and broadcast live only to subscribers who
+  hold no book, or one it does not follow on from (§6).
 * :class:`Resync`: a :class:`Delivery` that also found its order book out of sequence,
   ``reason`` one of :data:`RESYNC_REASONS`.
 * :class:`Dropped`, ``reason`` one of :data:`DROP_REASONS`.
