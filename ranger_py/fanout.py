@@ -24,6 +24,7 @@ __all__ = ["Fanout", "FanoutMetrics", "yield_every"]
 # would overflow clients that read as fast as they can before any write.
 _YIELD_EVERY = 64
 
+# What a drop leaves to deliver: the common path (a Delivery) then needs no branch of its own.
 _NOTHING = Delivery(b"", ())
 
 
