@@ -28,6 +28,7 @@ import uvloop
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench import rpc
+from bench.bookcheck import BookCheck
 from bench.stats import histogram
 
 __all__ = ["MIN_BODY", "BookClient", "Group", "StreamClient", "main"]
@@ -36,7 +37,7 @@ _TEXT = WSMsgType.TEXT
 _CLOSE = WSMsgType.CLOSE
 _now_ns = time.monotonic_ns
 _TS = b'"ts":'
-_MAX_VIOLATIONS = 5
+_MAX_FAULTS = 5
 # Data frames carry a body of at least this many bytes (the publisher's are ~200); anything
 # shorter is a reply, a close or a control frame.
 MIN_BODY = 100
@@ -172,7 +173,7 @@ class StreamClient(WSListener):
 
 
 class BookClient(StreamClient):
-    """A late order-book subscriber: checks snapshot first, then gap-free sequence numbers.
+    """A late order-book subscriber; :class:`bench.bookcheck.BookCheck` judges its frames.
 
     PROTOCOL §6: a new subscriber of ``<m>.<x>-inc`` receives the cached snapshot, every cached
     increment in order, then the ``subscribed`` reply, then live increments.
@@ -180,30 +181,22 @@ class BookClient(StreamClient):
 
     def __init__(self, group: Group, probe: bool = True) -> None:
         super().__init__(group, probe)
-        self.snapshot_seq: int | None = None
-        self.last_seq: int | None = None
-        self.increments = 0
-        self.book_reply = False  # the "subscribed" reply that lists the order-book stream
-        self.book_frames_before_reply = 0
-        self.violations: list[str] = []
+        self.book = BookCheck()
+        self.other_faults: list[str] = []  # frames that are no book frame at all
 
-    def _violation(self, text: str) -> None:
-        if len(self.violations) < _MAX_VIOLATIONS:
-            self.violations.append(text)
+    def _fault(self, text: str) -> None:
+        if len(self.other_faults) < _MAX_FAULTS:
+            self.other_faults.append(text)
 
     def on_reply(self, data: bytes) -> None:
         super().on_reply(data)
         reply = json.loads(data)
         success = reply.get("success") if isinstance(reply, dict) else None
         streams = success.get("streams") if isinstance(success, dict) else None
-        if (
-            isinstance(streams, list)
-            and not self.book_reply
-            and any(isinstance(s, str) and s.endswith("-inc") for s in streams)
+        if isinstance(streams, list) and any(
+            isinstance(s, str) and s.endswith("-inc") for s in streams
         ):
-            self.book_reply = True
-            if self.snapshot_seq is None:
-                self._violation("subscribed reply before the snapshot")
+            self.book.reply()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is _CLOSE:
@@ -215,39 +208,30 @@ class BookClient(StreamClient):
         try:
             message = json.loads(data)
         except ValueError:
-            self._violation(f"unparsable frame {data[:60]!r}")
+            self._fault(f"unparsable frame {data[:60]!r}")
             return
         if not isinstance(message, dict) or len(message) != 1:
-            self._violation(f"unexpected frame {data[:80]!r}")
+            self._fault(f"unexpected frame {data[:80]!r}")
             return
         if "success" in message or "error" in message:
             self.on_reply(data)
             return
         ((key, body),) = message.items()
         self.frames += 1
-        if not self.book_reply:
-            self.book_frames_before_reply += 1
         sequence = body.get("sequence") if isinstance(body, dict) else None
         if not isinstance(sequence, int):
-            self._violation(f"no sequence in {key}")
+            self._fault(f"no sequence in {key}")
         elif key.endswith("-snap"):
-            if self.snapshot_seq is not None:
-                self._violation(f"second snapshot (seq {sequence}) after {self.snapshot_seq}")
-            self.snapshot_seq = self.last_seq = sequence
+            self.book.frame("snap", sequence, live=self.book.replied)
         elif key.endswith("-inc"):
-            if self.last_seq is None:
-                self._violation(f"increment {sequence} before any snapshot")
-            elif sequence != self.last_seq + 1:
-                self._violation(f"increment {sequence} after {self.last_seq}")
-            self.last_seq = sequence
-            self.increments += 1
+            self.book.frame("inc", sequence, live=self.book.replied)
             sent = body.get("ts")
             # Replayed increments were published before this client subscribed: only live
             # ones (after the subscribed reply) say something about latency.
-            if self.book_reply and isinstance(sent, int):
+            if self.book.replied and isinstance(sent, int):
                 self.group.latencies.append(_now_us() - sent)
         else:
-            self._violation(f"unexpected stream {key}")
+            self._fault(f"unexpected stream {key}")
 
 
 _KINDS: dict[str, type[StreamClient]] = {"stream": StreamClient, "book": BookClient}
@@ -459,34 +443,36 @@ class LoadGen:
                 tally["open"] += 1
         return {"outcomes": dict(tally), "frames": frames, **self._clock()}
 
-    async def book_report(self, group: str, final_seq: int) -> dict[str, Any]:
-        """Order-book verification of every client of ``group`` (PROTOCOL §6)."""
+    async def book_report(
+        self, group: str, final_seq: int, skipped: int | None = None
+    ) -> dict[str, Any]:
+        """Order-book verification of every client of ``group`` (PROTOCOL §6).
+
+        ``skipped``: the sequence number the publisher left out on purpose, if it did.
+        """
         clients = [c for c in self.groups[group].clients if isinstance(c, BookClient)]
         ok = 0
         problems: Counter[str] = Counter()
-        replayed = 0
         for client in clients:
-            issues = list(client.violations)
-            if client.snapshot_seq is None:
-                issues.append("no snapshot")
-            elif client.last_seq != final_seq:
-                issues.append(f"stopped at {client.last_seq}, last published {final_seq}")
-            if not client.book_reply:
-                issues.append("no subscribed reply")
+            issues = client.other_faults + client.book.issues(final_seq, skipped)
             if not client.is_open:
                 issues.append(f"closed ({client.close_code})")
-            replayed += max(0, client.book_frames_before_reply - 1)
             if issues:
                 problems[issues[0]] += 1
             else:
                 ok += 1
+        books = [c.book for c in clients]
         return {
             "clients": len(clients),
             "verified": ok,
             "failed": len(clients) - ok,
             "problems": dict(problems.most_common(5)),
-            "increments_received": sum(c.increments for c in clients),
-            "replayed_increments": replayed,
+            "increments_received": sum(b.increments for b in books),
+            "replayed_increments": sum(b.replayed_increments for b in books),
+            "replay_gaps": sum(b.replay_gaps for b in books),
+            "empty_replays": sum(b.empty_replay for b in books),
+            "saw_gap_live": sum(bool(b.live_gaps) for b in books),
+            "resynced_live": sum(b.resyncs > 0 for b in books),
             "histogram": histogram(self.groups[group].latencies),
             **self._clock(),
         }

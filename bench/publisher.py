@@ -125,12 +125,16 @@ class Publisher:
         duration: float,
         snapshot_every: int,
         first_seq: int = 1000,
+        skip_at: int | None = None,
     ) -> dict[str, Any]:
         """A snapshot, then increments with consecutive sequence numbers, a new snapshot every
-        ``snapshot_every`` increments (its sequence is the last increment's, as Peatio does)."""
+        ``snapshot_every`` increments (its sequence is the last increment's, as Peatio does).
+
+        ``skip_at``: increment number *n* (0-based) leaves one sequence number out, as if the
+        one before it had been lost upstream; the reply names it as ``skipped``."""
         channel = self.channel
         snap_key, inc_key = f"public.{market}.ob-snap", f"public.{market}.ob-inc"
-        state = {"seq": first_seq, "snapshots": 0}
+        state: dict[str, Any] = {"seq": first_seq, "snapshots": 0, "skipped": None}
 
         def snapshot() -> None:
             asks = ",".join(f'["{9900 + i}.5","{i + 1}.25"]' for i in range(10))
@@ -153,6 +157,9 @@ class Publisher:
             if n % snapshot_every == 0:
                 snapshot()
             state["seq"] += 1
+            if n == skip_at:
+                state["skipped"] = state["seq"]
+                state["seq"] += 1
             side = "asks" if n % 2 else "bids"
             level = [f"{9800 + n % 200}.5", f"{n % 7}.125"]
             body = json.dumps(

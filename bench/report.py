@@ -165,6 +165,23 @@ def print_tables(result: dict[str, Any]) -> None:
                 ("increment latency p50 / p99", f"{data['inc_p50_ms']} / {data['inc_p99_ms']} ms"),
             ]
         )
+        gap = data.get("gap")
+        if gap:
+            _out(
+                f"  with increment {gap.get('skipped_seq')} lost at {gap.get('skipped_at_s')} s"
+                f" (next snapshot due at {gap.get('resync_due_s')} s):"
+            )
+            _kv(
+                [
+                    ("late subscribers verified", f"{gap['verified']} of {data['subscribers']}"),
+                    ("problems", gap["problems"] or "none"),
+                    ("replays holding a gap", gap["replay_gaps"]),
+                    ("saw the gap live (held the book)", gap["saw_gap_live"]),
+                    ("joined while broken (empty replay)", gap["empty_replays"]),
+                    ("got a snapshot live (resynced)", gap["resynced_live"]),
+                    ("passed", gap["passed"]),
+                ]
+            )
     elif name == "multiworker":
         for key in ("w1", "w2"):
             run = data.get(key, {})
@@ -325,8 +342,15 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
             "order book late subscribers verified",
             book.get("verified"),
             f"all {book.get('subscribers', '')}",
-            book.get("passed"),
+            None if not book else book.get("verified") == book.get("subscribers"),
             "-",
+        ),
+        row(
+            "order book, one increment lost: verified",
+            (book.get("gap") or {}).get("verified"),
+            f"all {book.get('subscribers', '')}, no gap replayed",
+            (book.get("gap") or {}).get("passed"),
+            "Rango and Ranger replay the gap",
         ),
         row(
             "2 workers / 1 worker fan-out capacity",

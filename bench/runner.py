@@ -217,12 +217,22 @@ class LoadGens:
             frames.extend(part["frames"])
         return {"outcomes": dict(tally), "frames": frames}
 
-    def book_report(self, group: str, final_seq: int) -> dict[str, Any]:
-        parts = self._all("book_report", 30.0, group=group, final_seq=final_seq)
+    def book_report(self, group: str, final_seq: int, skipped: int | None = None) -> dict[str, Any]:
+        parts = self._all("book_report", 30.0, group=group, final_seq=final_seq, skipped=skipped)
         problems: Counter[str] = Counter()
         for part in parts:
             problems.update(part["problems"])
-        keys = ("clients", "verified", "failed", "increments_received", "replayed_increments")
+        keys = (
+            "clients",
+            "verified",
+            "failed",
+            "increments_received",
+            "replayed_increments",
+            "replay_gaps",
+            "empty_replays",
+            "saw_gap_live",
+            "resynced_live",
+        )
         merged: dict[str, Any] = {key: sum(p[key] for p in parts) for key in keys}
         merged["problems"] = dict(problems)
         merged["counts"] = stats.merge(p["histogram"] for p in parts)

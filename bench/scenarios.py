@@ -7,7 +7,9 @@
 * ``slow``: the same fan-out run twice at one rate, everyone reading, then with some clients
   stalled; the stalled ones must be closed with 1008, the others' p99 must stay within 2x.
 * ``orderbook``: late subscribers join during a stream of increments; each must get the snapshot
-  first, then every increment with no gap in the sequence numbers.
+  first, then every increment with no gap in the sequence numbers. A second phase loses one
+  increment upstream: no replay may hold the gap, and every subscriber must be back in sequence
+  from the next snapshot.
 * ``multiworker``: fan-out capacity with ``WEB_CONCURRENCY=2`` against one worker.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import procs, report, stats
-from bench.runner import Bench, OutOfTime
+from bench.runner import Bench, OutOfTime, Settings
 from bench.server import EXCHANGE, Server, ServerSpec
 from bench.tokens import uid
 
@@ -319,8 +321,6 @@ def slow(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
 
 def orderbook(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     settings = bench.settings
-    market = "ethusd"
-    stream = f"{market}.ob-inc"
     per_wave = max(1, settings.book_subscribers // settings.book_waves)
     result: dict[str, Any] = {
         "rate": settings.book_rate,
@@ -328,63 +328,105 @@ def orderbook(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
         "snapshot_every": settings.book_snapshot_every,
         "subscribers": per_wave * settings.book_waves,
     }
-    groups: list[str] = []
     with bench.server(spec, result) as server:
-        bench.pub.send(
-            "orderbook",
-            exchange=EXCHANGE,
-            market=market,
-            rate=settings.book_rate,
-            duration=settings.book_s,
-            snapshot_every=settings.book_snapshot_every,
+        result.update(_book_phase(bench, server, "ethusd", per_wave))
+        # Second phase, on a book of its own: one increment lost upstream, shortly before the
+        # middle wave joins, so that some subscribers hold the book when the gap comes and
+        # others join while it is broken (PROTOCOL §6: nothing replayed until the snapshot).
+        middle = settings.book_waves // 2
+        gap_at = max(0.0, _wave_at(settings, middle) - 0.2)
+        skip_at = int(gap_at * settings.book_rate)
+        gap = _book_phase(bench, server, "ethbtc", per_wave, skip_at=skip_at)
+        every = settings.book_snapshot_every
+        gap["resync_due_s"] = round((skip_at // every + 1) * every / settings.book_rate, 2)
+        gap["passed"] = (
+            gap["passed"]
+            and gap["replay_gaps"] == 0
+            and gap["saw_gap_live"] > 0
+            and gap["empty_replays"] > 0
         )
-        start = time.monotonic()
-        # Waves spread over the first 70 % of the stream; half of each wave subscribes in the
-        # URL, half with a subscribe message once connected (PROTOCOL §6 covers both).
-        for wave in range(settings.book_waves):
-            at = start + 0.3 + wave * (settings.book_s * 0.7) / settings.book_waves
-            time.sleep(max(0.0, at - time.monotonic()))
-            in_url, by_message = f"book-url-{wave}", f"book-msg-{wave}"
-            bench.lg.connect(
-                in_url,
-                [server.url(f"/public?stream={stream}")] * (per_wave - per_wave // 2),
-                kind="book",
-                concurrency=settings.connect_concurrency,
-            )
-            bench.lg.connect(
-                by_message,
-                [server.url("/public")] * (per_wave // 2),
-                kind="book",
-                concurrency=settings.connect_concurrency,
-            )
-            bench.lg.send(by_message, f'{{"event":"subscribe","streams":["{stream}"]}}')
-            groups += [in_url, by_message]
-        published = bench.pub.recv(settings.book_s * 3 + 30)
-        time.sleep(1.0)  # the last increments in flight
-        reports = [bench.lg.book_report(g, published["last_seq"]) for g in groups]
-        problems: dict[str, int] = {}
-        for part in reports:
-            for text, n in part["problems"].items():
-                problems[text] = problems.get(text, 0) + n
-        counts = sum((r["counts"] for r in reports), start=stats.merge([]))
-        p50, _, p99 = stats.percentiles_ms(counts)
-        verified = sum(r["verified"] for r in reports)
-        result.update(
-            {
-                "increments_published": published["published"],
-                "snapshots_published": published["snapshots"],
-                "last_seq": published["last_seq"],
-                "verified": verified,
-                "failed": sum(r["failed"] for r in reports),
-                "problems": problems,
-                "increments_received": sum(r["increments_received"] for r in reports),
-                "replayed_increments": sum(r["replayed_increments"] for r in reports),
-                "inc_p50_ms": p50,
-                "inc_p99_ms": p99,
-                "passed": verified == result["subscribers"],
-            }
-        )
+        result["gap"] = gap
+        result["passed"] = result["passed"] and gap["passed"]
     return result
+
+
+def _wave_at(settings: Settings, wave: int) -> float:
+    """When a wave of book subscribers joins, in s from the stream's start: over its first 70 %."""
+    return 0.3 + wave * (settings.book_s * 0.7) / settings.book_waves
+
+
+def _book_phase(
+    bench: Bench, server: Server, market: str, per_wave: int, *, skip_at: int | None = None
+) -> dict[str, Any]:
+    """One stream of a book, late subscribers joining in waves, then every one verified."""
+    settings = bench.settings
+    stream = f"{market}.ob-inc"
+    groups: list[str] = []
+    bench.pub.send(
+        "orderbook",
+        exchange=EXCHANGE,
+        market=market,
+        rate=settings.book_rate,
+        duration=settings.book_s,
+        snapshot_every=settings.book_snapshot_every,
+        skip_at=skip_at,
+    )
+    start = time.monotonic()
+    # Half of each wave subscribes in the URL, half with a subscribe message once connected
+    # (PROTOCOL §6 covers both).
+    for wave in range(settings.book_waves):
+        time.sleep(max(0.0, start + _wave_at(settings, wave) - time.monotonic()))
+        in_url, by_message = f"{market}-url-{wave}", f"{market}-msg-{wave}"
+        bench.lg.connect(
+            in_url,
+            [server.url(f"/public?stream={stream}")] * (per_wave - per_wave // 2),
+            kind="book",
+            concurrency=settings.connect_concurrency,
+        )
+        bench.lg.connect(
+            by_message,
+            [server.url("/public")] * (per_wave // 2),
+            kind="book",
+            concurrency=settings.connect_concurrency,
+        )
+        bench.lg.send(by_message, f'{{"event":"subscribe","streams":["{stream}"]}}')
+        groups += [in_url, by_message]
+    published = bench.pub.recv(settings.book_s * 3 + 30)
+    time.sleep(1.0)  # the last increments in flight
+    skipped = published["skipped"]
+    reports = [bench.lg.book_report(g, published["last_seq"], skipped) for g in groups]
+    bench.lg.close(groups)
+    problems: dict[str, int] = {}
+    for part in reports:
+        for text, n in part["problems"].items():
+            problems[text] = problems.get(text, 0) + n
+    counts = sum((r["counts"] for r in reports), start=stats.merge([]))
+    p50, _, p99 = stats.percentiles_ms(counts)
+    verified = sum(r["verified"] for r in reports)
+    phase: dict[str, Any] = {
+        "increments_published": published["published"],
+        "snapshots_published": published["snapshots"],
+        "last_seq": published["last_seq"],
+        "verified": verified,
+        "failed": sum(r["failed"] for r in reports),
+        "problems": problems,
+        "inc_p50_ms": p50,
+        "inc_p99_ms": p99,
+        "passed": verified == per_wave * settings.book_waves,
+    }
+    for key in (
+        "increments_received",
+        "replayed_increments",
+        "replay_gaps",
+        "empty_replays",
+        "saw_gap_live",
+        "resynced_live",
+    ):
+        phase[key] = sum(r[key] for r in reports)
+    if skip_at is not None:
+        phase["skipped_seq"] = skipped
+        phase["skipped_at_s"] = round(skip_at / settings.book_rate, 2)
+    return phase
 
 
 def multiworker(bench: Bench, spec: ServerSpec) -> dict[str, Any]:

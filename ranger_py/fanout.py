@@ -14,7 +14,7 @@ from time import perf_counter
 from typing import Protocol
 
 from ranger_py.frames import encode_text
-from ranger_py.router import Delivery, Router
+from ranger_py.router import Delivery, Dropped, Resync, Router
 
 __all__ = ["Fanout", "FanoutMetrics", "yield_every"]
 
@@ -24,6 +24,9 @@ __all__ = ["Fanout", "FanoutMetrics", "yield_every"]
 # would overflow clients that read as fast as they can before any write.
 _YIELD_EVERY = 64
 
+# What a drop leaves to deliver: the common path (a Delivery) then needs no branch of its own.
+_NOTHING = Delivery(b"", ())
+
 
 def yield_every(queue_frames: int) -> int:
     """Messages handled between two yields, for clients that queue up to ``queue_frames``."""
@@ -31,11 +34,12 @@ def yield_every(queue_frames: int) -> int:
 
 
 class FanoutMetrics(Protocol):
-    """The hot path's counters (ranger_py.metrics.WorkerMetrics): plain ints and one dict."""
+    """The hot path's counters (ranger_py.metrics.WorkerMetrics): plain ints and dicts."""
 
     received: int
     delivered: int
     dropped: dict[str, int]
+    resyncs: dict[str, int]
 
     def observe_fanout(self, seconds: float) -> None: ...
 
@@ -64,20 +68,30 @@ class Fanout:
         metrics = self._metrics
         metrics.received += 1
         outcome = self._route(routing_key, body)
-        if type(outcome) is Delivery:
-            recipients = outcome.recipients
-            if recipients:
-                start = perf_counter()
-                frame = encode_text(outcome.payload)  # once, whatever the number of recipients
-                for ws in recipients:
-                    ws.queue(frame)  # type: ignore[attr-defined]
-                metrics.delivered += len(recipients)
-                metrics.observe_fanout(perf_counter() - start)
-                self._request_flush()
-        else:
-            reason = outcome.reason  # type: ignore[union-attr]
-            metrics.dropped[reason] = metrics.dropped.get(reason, 0) + 1
+        if type(outcome) is not Delivery:
+            outcome = self._count(outcome)
+        recipients = outcome.recipients
+        if recipients:
+            start = perf_counter()
+            frame = encode_text(outcome.payload)  # once, whatever the number of recipients
+            for ws in recipients:
+                ws.queue(frame)  # type: ignore[attr-defined]
+            metrics.delivered += len(recipients)
+            metrics.observe_fanout(perf_counter() - start)
+            self._request_flush()
         self._since_pause += 1
         if self._since_pause >= self._every:
             self._since_pause = 0
             self._pause()
+
+    def _count(self, outcome: Delivery | Dropped) -> Delivery:
+        """The rare outcomes, counted: what is left to deliver of a drop (nothing) or a resync."""
+        metrics = self._metrics
+        if isinstance(outcome, Dropped):
+            reason = outcome.reason
+            metrics.dropped[reason] = metrics.dropped.get(reason, 0) + 1
+            return _NOTHING
+        if isinstance(outcome, Resync):
+            reason = outcome.reason
+            metrics.resyncs[reason] = metrics.resyncs.get(reason, 0) + 1
+        return outcome

@@ -82,8 +82,11 @@ _GC_KEYS = ("collections", "collected", "uncollectable")
 class WorkerMetrics:
     """One worker's metrics. Counters the hot path bumps are plain ints until ``flush``."""
 
-    def __init__(self, drop_reasons: Iterable[str] = ()) -> None:
-        """``drop_reasons``: every ``reason`` of dropped messages, shown at 0 from the start."""
+    def __init__(
+        self, drop_reasons: Iterable[str] = (), resync_reasons: Iterable[str] = ()
+    ) -> None:
+        """``drop_reasons``, ``resync_reasons``: every ``reason`` of dropped messages and of
+        order-book resyncs, shown at 0 from the start."""
         self.clients = Gauge(
             "rango_hub_clients_count",
             "Number of clients currently connected",
@@ -140,6 +143,15 @@ class WorkerMetrics:
         )
         for reason in drop_reasons:
             self._dropped.labels(reason)
+        self._resyncs = Counter(
+            "ranger_orderbook_resyncs",
+            "Order books out of sequence, by reason: not replayed until their next snapshot,"
+            " which their subscribers get live",
+            ["reason"],
+            registry=None,
+        )
+        for reason in resync_reasons:
+            self._resyncs.labels(reason)
         self._slow_clients = Counter(
             "ranger_slow_client_disconnects",
             "Clients closed with 1008 because their send queue was full",
@@ -187,6 +199,7 @@ class WorkerMetrics:
         self.received = 0
         self.delivered = 0
         self.dropped: dict[str, int] = {}
+        self.resyncs: dict[str, int] = {}
         self._fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self._fanout_sum = 0.0
         self._reconnects_seen = 0
@@ -254,6 +267,10 @@ class WorkerMetrics:
             for reason, count in self.dropped.items():
                 self._dropped.labels(reason).inc(count)
             self.dropped.clear()
+        if self.resyncs:
+            for reason, count in self.resyncs.items():
+                self._resyncs.labels(reason).inc(count)
+            self.resyncs.clear()
         if any(self._fanout_counts):
             # Histogram.observe costs ~5 µs in multiprocess mode: whole buckets at once instead.
             prometheus_adapter.add_observations(self._fanout, self._fanout_counts, self._fanout_sum)

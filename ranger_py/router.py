@@ -15,12 +15,19 @@ Tables, every one pruned as soon as an entry empties:
   can produce exactly one.
 * ``_private``: (uid, event) -> clients, so one lookup finds every connection of that user.
 * ``_books``: public ``<m>.<x>-inc`` topic -> [snapshot frame, increment frames...].
+* ``_sequences``: the same topic -> the ``sequence`` of its book's last message, for the books
+  whose snapshot carries one (Peatio's); the others are cached without any check.
+* ``_broken``: topics whose book went out of sequence: not in ``_books`` (nothing to replay)
+  until the next snapshot, but their increments still reach the current subscribers.
 
 :meth:`Router.route` outcomes, for the metrics (PROTOCOL §7):
 
 * :class:`Delivery` with recipients: received and delivered.
 * :class:`Delivery` with no recipients: received, nobody to deliver to. A public ``-snap``
-  is reported this way too: it is cached, never broadcast live (§6).
+  is mostly reported this way too: it is cached, and broadcast live only to subscribers who
+  hold no book, or one it does not follow on from (§6).
+* :class:`Resync`: a :class:`Delivery` that also found its order book out of sequence,
+  ``reason`` one of :data:`RESYNC_REASONS`.
 * :class:`Dropped`, ``reason`` one of :data:`DROP_REASONS`.
 """
 
@@ -46,7 +53,15 @@ if TYPE_CHECKING:
     # Only the type: importing auth at run time would pull jwt into every importer of router.
     from ranger_py.auth import Auth
 
-__all__ = ["DROP_REASONS", "Delivery", "Dropped", "Router", "Subscriber"]
+__all__ = [
+    "DROP_REASONS",
+    "RESYNC_REASONS",
+    "Delivery",
+    "Dropped",
+    "Resync",
+    "Router",
+    "Subscriber",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +103,32 @@ class Delivery:
     recipients: Collection[Subscriber]
 
 
-DROP_REASONS: Final = ("bad_routing_key", "bad_json", "no_snapshot", "book_overflow")
+@dataclass(frozen=True, slots=True)
+class Resync(Delivery):
+    """A :class:`Delivery` whose message found its order book out of sequence (PROTOCOL §6).
+
+    ``reason`` is one of :data:`RESYNC_REASONS`. An increment is delivered to the current
+    subscribers and the book is not replayed again until its next snapshot, which then goes
+    to them live; a snapshot replaces the book and goes to them live at once.
+    """
+
+    reason: str
+
+
+RESYNC_REASONS: Final = ("gap", "step_back", "no_sequence", "restart")
+"""Every :attr:`Resync.reason`; one count per book gone out of sequence, not per message.
+
+* ``gap``: an increment's ``sequence`` is past the last one + 1, or a snapshot's past the last
+  one: the messages in between were lost.
+* ``step_back``: an increment's ``sequence`` is below the last one (reordered, or its publisher
+  restarted).
+* ``no_sequence``: an increment without an integer ``sequence`` in a book whose snapshot has
+  one: no client can tell whether it follows on.
+* ``restart``: a snapshot's ``sequence`` is below the book's last one: its publisher started
+  counting again.
+"""
+
+DROP_REASONS: Final = ("bad_routing_key", "bad_json", "no_snapshot", "book_overflow", "duplicate")
 """Every :attr:`Dropped.reason`: the worker's metrics show each one from the start, at 0.
 
 * ``bad_routing_key``: not one of the §5 shapes.
@@ -96,6 +136,7 @@ DROP_REASONS: Final = ("bad_routing_key", "bad_json", "no_snapshot", "book_overf
 * ``no_snapshot``: a public ``-inc`` with no snapshot cached (§6).
 * ``book_overflow``: a public ``-inc`` past the increment bound; the cache entry is gone
   until the next snapshot (§6).
+* ``duplicate``: a public ``-inc`` with the same ``sequence`` as its book's last message (§6).
 """
 
 
@@ -110,6 +151,7 @@ _BAD_ROUTING_KEY: Final = Dropped("bad_routing_key")
 _BAD_JSON: Final = Dropped("bad_json")
 _NO_SNAPSHOT: Final = Dropped("no_snapshot")
 _BOOK_OVERFLOW: Final = Dropped("book_overflow")
+_DUPLICATE: Final = Dropped("duplicate")
 _NOBODY: Final[frozenset[Subscriber]] = frozenset()
 
 
@@ -122,6 +164,15 @@ def _refuse_constant(name: str) -> object:
 # matches; the caller strips JSON whitespace (not bytes.strip(): \v and \f are not JSON).
 _raw_decode: Final = json.JSONDecoder(parse_constant=_refuse_constant).raw_decode
 _JSON_SPACE: Final = b" \t\n\r"
+
+
+def _sequence(value: object) -> int | None:
+    """The integer ``sequence`` of a decoded body, if it has one; a bool or a float is not one."""
+    if type(value) is dict:
+        sequence = value.get("sequence")
+        if type(sequence) is int:
+            return sequence
+    return None
 
 
 class Router:
@@ -150,6 +201,8 @@ class Router:
         self._topics: dict[str, set[Subscriber]] = {}
         self._private: dict[tuple[str, str], set[Subscriber]] = {}
         self._books: dict[str, list[bytes]] = {}
+        self._sequences: dict[str, int] = {}
+        self._broken: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
 
     # -- subscriptions --------------------------------------------------------------------
@@ -286,7 +339,9 @@ class Router:
         body = body.strip(_JSON_SPACE)
         try:
             text = body.decode()
-            whole = _raw_decode(text)[1] == len(text)
+            # The decoded value is kept: an order book's sequence is read from it, not parsed again.
+            value, end = _raw_decode(text)
+            whole = end == len(text)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             whole = False
         if not whole:
@@ -296,9 +351,9 @@ class Router:
         if scope in _PUBLIC_SCOPES:
             topic = f"{middle}.{event}"
             if event.endswith(_SNAP):
-                return self._snapshot(topic, body)
+                return self._snapshot(topic, body, value)
             if event.endswith(_INC):
-                return self._increment(topic, body)
+                return self._increment(topic, body, value)
             return Delivery(self._frame(topic, body), self._topics.get(topic, _NOBODY))
 
         if event.endswith(_SNAP):
@@ -311,25 +366,48 @@ class Router:
         recipients = self._topics.get(f"{scope}.{middle}.{event}", _NOBODY)
         return Delivery(self._frame(f"{middle}.{event}", body), recipients)
 
-    def _snapshot(self, snap_topic: str, body: bytes) -> Delivery:
+    def _snapshot(self, snap_topic: str, body: bytes, value: object) -> Delivery:
         frame = self._frame(snap_topic, body)
         inc_topic = snap_topic[: -len(_SNAP)] + _INC
-        fresh = inc_topic not in self._books
         # A new snapshot replaces the book and resets its increments, and is not broadcast
         # (Rango, Ranger) - except when no book was cached: the current subscribers (who came
-        # before the first snapshot, or saw the book overflow) have none, and the increments
-        # that follow would be useless to them. Ruby Ranger sends them this one; so do we.
+        # before the first snapshot, or saw the book overflow or go out of sequence) have none,
+        # and the increments that follow would be useless to them. Ruby Ranger sends them this
+        # one; so do we.
+        live = inc_topic not in self._books
         self._books[inc_topic] = [frame]
-        return Delivery(frame, self._topics.get(inc_topic, _NOBODY) if fresh else _NOBODY)
+        self._broken.discard(inc_topic)
+        sequence = _sequence(value)
+        last = self._sequences.pop(inc_topic, None)
+        if sequence is not None:
+            self._sequences[inc_topic] = sequence
+            # Peatio's snapshot carries the sequence of the last change it includes: any other
+            # than the book's last means the subscribers' copies are not this book.
+            if last is not None and sequence != last:
+                reason = "gap" if sequence > last else "restart"
+                _log.warning(
+                    "order book %s out of sequence (%s): snapshot %d after %d; sent live",
+                    inc_topic,
+                    reason,
+                    sequence,
+                    last,
+                )
+                return Resync(frame, self._topics.get(inc_topic, _NOBODY), reason)
+        return Delivery(frame, self._topics.get(inc_topic, _NOBODY) if live else _NOBODY)
 
-    def _increment(self, topic: str, body: bytes) -> Delivery | Dropped:
+    def _increment(self, topic: str, body: bytes, value: object) -> Delivery | Dropped:
         book = self._books.get(topic)
         if book is None:
+            if topic in self._broken:
+                # Out of sequence: the current subscribers get every increment as before (they
+                # see the gap themselves), a late one nothing, until the next snapshot.
+                return Delivery(self._frame(topic, body), self._topics.get(topic, _NOBODY))
             _log.debug("dropped %s: no snapshot cached yet", topic)
             return _NO_SNAPSHOT
         if len(book) > self._max_increments:
             # book[0] is the snapshot, so the bound is already reached.
             del self._books[topic]
+            self._sequences.pop(topic, None)
             _log.warning(
                 "order book %s: more than %d increments since the snapshot;"
                 " dropped until the next snapshot",
@@ -337,9 +415,43 @@ class Router:
                 self._max_increments,
             )
             return _BOOK_OVERFLOW
+        last = self._sequences.get(topic)
+        if last is not None:
+            # _sequence(value) inlined: this runs for every increment of every Peatio book.
+            sequence = value.get("sequence") if type(value) is dict else None
+            if type(sequence) is not int or sequence != last + 1:
+                return self._out_of_step(topic, body, _sequence(value), last)
+            self._sequences[topic] = sequence
         frame = self._frame(topic, body)
         book.append(frame)
         return Delivery(frame, self._topics.get(topic, _NOBODY))
+
+    def _out_of_step(
+        self, topic: str, body: bytes, sequence: int | None, last: int
+    ) -> Resync | Dropped:
+        """An increment of a cached book whose ``sequence`` is not ``last`` + 1."""
+        if sequence == last:
+            # Already applied by every holder of the book: forwarding it would apply it twice.
+            _log.debug("dropped %s: sequence %d again", topic, last)
+            return _DUPLICATE
+        if sequence is None:
+            reason = "no_sequence"
+        elif sequence > last:
+            reason = "gap"
+        else:
+            reason = "step_back"
+        del self._books[topic]
+        del self._sequences[topic]
+        self._broken.add(topic)
+        _log.warning(
+            "order book %s out of sequence (%s): increment %s after %d;"
+            " not replayed until the next snapshot",
+            topic,
+            reason,
+            "without one" if sequence is None else sequence,
+            last,
+        )
+        return Resync(self._frame(topic, body), self._topics.get(topic, _NOBODY), reason)
 
     def _frame(self, topic: str, body: bytes) -> bytes:
         prefix = self._prefixes.get(topic)

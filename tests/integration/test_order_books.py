@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from .harness import Connect, Server, ServerPool, unique
+from .scrape import key, wait_for_figures
 from .wsclient import subscribed
 
 SNAP = (
     '{"asks":[["12.0","1.0"],["14.0","1.0"]],"bids":[["11.0","2.0"],["10.0","2.0"]],"sequence":1}'
 )
+RESYNCS = "ranger_orderbook_resyncs_total"
+DROPPED = "ranger_messages_dropped_total"
+
+
+def _snap(sequence: int) -> str:
+    return SNAP.replace('"sequence":1', f'"sequence":{sequence}')
 
 
 def _inc(sequence: int, price: str = "10.0") -> str:
@@ -64,15 +71,16 @@ def test_new_snapshot_is_not_broadcast_and_resets_increments(
         subscribed(inc),
     ]
 
-    second = SNAP.replace('"sequence":1', '"sequence":10')
+    # In sequence: Peatio's snapshot carries the sequence of the last change it includes.
+    second = _snap(2)
     server.publish(f"public.{market}.ob-snap", second)
-    server.publish(f"public.{market}.ob-inc", _inc(11))
-    assert client.recv() == f'{{"{inc}":{_inc(11)}}}'
+    server.publish(f"public.{market}.ob-inc", _inc(3))
+    assert client.recv() == f'{{"{inc}":{_inc(3)}}}'
 
     newcomer = connect(server, f"/?stream={inc}")
     assert newcomer.recv_many(3) == [
         f'{{"{snap}":{second}}}',
-        f'{{"{inc}":{_inc(11)}}}',
+        f'{{"{inc}":{_inc(3)}}}',
         subscribed(inc),
     ]
 
@@ -88,12 +96,12 @@ def test_increment_before_any_snapshot_is_dropped(server: Server, connect: Conne
     # only cached (Rango and Ranger).
     server.publish(f"public.{market}.ob-snap", SNAP)
     server.publish(f"public.{market}.ob-inc", _inc(2))
-    server.publish(f"public.{market}.ob-snap", SNAP)
+    server.publish(f"public.{market}.ob-snap", _snap(2))
     assert client.recv_many(2) == [f'{{"{snap}":{SNAP}}}', f'{{"{inc}":{_inc(2)}}}']
     client.unsubscribe(inc)
     server.publish(f"public.{market}.ob-inc", _inc(3))
     server.sync()
-    assert client.subscribe(inc) == f'{{"{snap}":{SNAP}}}'
+    assert client.subscribe(inc) == f'{{"{snap}":{_snap(2)}}}'
     assert client.recv_many(2) == [f'{{"{inc}":{_inc(3)}}}', subscribed(inc)]
 
 
@@ -141,3 +149,69 @@ def test_book_past_its_bound_is_dropped_until_next_snapshot(
         f'{{"{inc}":{_inc(2)}}}',
         subscribed(inc),
     ]
+
+
+def test_a_book_out_of_sequence_is_not_replayed_until_its_next_snapshot(
+    server: Server, connect: Connect
+) -> None:
+    market = unique()
+    inc, snap = f"{market}.ob-inc", f"{market}.ob-snap"
+    before = server.scrape()
+    current = connect(server, f"/?stream={inc}")
+    assert current.recv() == subscribed(inc)
+    server.publish(f"public.{market}.ob-snap", _snap(1))
+    server.publish(f"public.{market}.ob-inc", _inc(2))
+    server.publish(f"public.{market}.ob-inc", _inc(4))  # 3 lost upstream
+    assert current.recv_many(3) == [
+        f'{{"{snap}":{_snap(1)}}}',
+        f'{{"{inc}":{_inc(2)}}}',
+        f'{{"{inc}":{_inc(4)}}}',
+    ]
+    server.sync()
+    late = connect(server, f"/?stream={inc}")
+    assert late.recv() == subscribed(inc)  # no snapshot, no increments: the book is broken
+
+    server.publish(f"public.{market}.ob-snap", _snap(10))
+    server.publish(f"public.{market}.ob-inc", _inc(11))
+    server.publish(f"public.{market}.ob-inc", _inc(11))  # a duplicate: dropped
+    server.publish(f"public.{market}.ob-inc", _inc(12))
+    for client in (current, late):
+        assert client.recv_many(3) == [
+            f'{{"{snap}":{_snap(10)}}}',
+            f'{{"{inc}":{_inc(11)}}}',
+            f'{{"{inc}":{_inc(12)}}}',
+        ]
+    assert connect(server, f"/?stream={inc}").recv_many(4) == [
+        f'{{"{snap}":{_snap(10)}}}',
+        f'{{"{inc}":{_inc(11)}}}',
+        f'{{"{inc}":{_inc(12)}}}',
+        subscribed(inc),
+    ]
+    wait_for_figures(
+        server.scrape,
+        {
+            key(RESYNCS, reason="gap"): before.value(RESYNCS, reason="gap") + 1,
+            key(DROPPED, reason="duplicate"): before.value(DROPPED, reason="duplicate") + 1,
+        },
+    )
+
+
+def test_a_restarted_publishers_snapshot_goes_live(server: Server, connect: Connect) -> None:
+    market = unique()
+    inc, snap = f"{market}.ob-inc", f"{market}.ob-snap"
+    before = server.scrape()
+    server.publish(f"public.{market}.ob-snap", _snap(500))
+    server.publish(f"public.{market}.ob-inc", _inc(501))
+    server.sync()
+    client = connect(server, f"/?stream={inc}")
+    assert client.recv_many(3) == [
+        f'{{"{snap}":{_snap(500)}}}',
+        f'{{"{inc}":{_inc(501)}}}',
+        subscribed(inc),
+    ]
+    server.publish(f"public.{market}.ob-snap", _snap(1))  # the engine counts from the start
+    server.publish(f"public.{market}.ob-inc", _inc(2))
+    assert client.recv_many(2) == [f'{{"{snap}":{_snap(1)}}}', f'{{"{inc}":{_inc(2)}}}']
+    wait_for_figures(
+        server.scrape, {key(RESYNCS, reason="restart"): before.value(RESYNCS, reason="restart") + 1}
+    )

@@ -14,6 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from ranger_py.auth import Auth
+from ranger_py.fanout import Fanout
 from ranger_py.metrics import (
     AUTH_PRIVATE,
     AUTH_PUBLIC,
@@ -28,6 +30,7 @@ from ranger_py.metrics import (
     child_pids,
     safe_label,
 )
+from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Router
 
 
 def exposition(*metrics: object) -> str:
@@ -85,6 +88,58 @@ def test_reconnects_counted_as_deltas_of_the_consumer_total() -> None:
     text = exposition(m._reconnects, m._connected)
     assert sample(text, "ranger_broker_reconnects_total") == 3
     assert sample(text, "ranger_broker_connected") == 0
+
+
+def test_resyncs_by_reason_start_at_zero_and_reach_prometheus_only_on_flush() -> None:
+    m = WorkerMetrics(resync_reasons=RESYNC_REASONS)
+    text = exposition(m._resyncs)
+    for reason in RESYNC_REASONS:
+        assert sample(text, f'ranger_orderbook_resyncs_total{{reason="{reason}"}}') == 0
+    m.resyncs["gap"] = 2
+    assert sample(exposition(m._resyncs), 'ranger_orderbook_resyncs_total{reason="gap"}') == 0
+    m.flush(broker_connected=True, broker_reconnects=0)
+    text = exposition(m._resyncs)
+    assert sample(text, 'ranger_orderbook_resyncs_total{reason="gap"}') == 2
+    assert sample(text, 'ranger_orderbook_resyncs_total{reason="restart"}') == 0
+    assert m.resyncs == {}
+
+
+class _Socket:
+    """What the fan-out needs of a connection: an auth for the router, a queue for frames."""
+
+    def __init__(self) -> None:
+        self.auth = Auth()
+        self.frames: list[bytes] = []
+
+    def queue(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def test_fanout_counts_each_book_out_of_sequence_once_and_duplicates_as_drops() -> None:
+    m = WorkerMetrics(drop_reasons=DROP_REASONS, resync_reasons=RESYNC_REASONS)
+    router = Router({})
+    fanout = Fanout(router, lambda: None, m, every=64, pause=lambda: None)
+    socket = _Socket()
+    router.subscribe(socket, ["m.ob-inc"])
+    for key, sequence in [
+        ("ob-snap", 1),  # the first snapshot: live
+        ("ob-inc", 2),
+        ("ob-inc", 2),  # duplicate: dropped
+        ("ob-inc", 4),  # gap: delivered, the book broken
+        ("ob-inc", 5),  # broken: delivered, not counted again
+        ("ob-snap", 10),  # the resync: live
+        ("ob-snap", 3),  # restart: live
+    ]:
+        fanout.on_broker_message(f"public.m.{key}", b'{"sequence":%d}' % sequence)
+    assert m.resyncs == {"gap": 1, "restart": 1}
+    assert m.dropped == {"duplicate": 1}
+    assert m.received == 7
+    assert m.delivered == len(socket.frames) == 6
+    m.flush(broker_connected=True, broker_reconnects=0)
+    text = exposition(m._resyncs, m._dropped)
+    assert sample(text, 'ranger_orderbook_resyncs_total{reason="gap"}') == 1
+    assert sample(text, 'ranger_orderbook_resyncs_total{reason="step_back"}') == 0
+    assert sample(text, 'ranger_messages_dropped_total{reason="duplicate"}') == 1
 
 
 def test_subscription_gauge_goes_back_to_zero_and_labels_are_capped() -> None:

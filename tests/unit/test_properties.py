@@ -31,7 +31,7 @@ from ranger_py.protocol import (
     subscribed_reply,
     unsubscribed_reply,
 )
-from ranger_py.router import DROP_REASONS, Delivery, Dropped, Router
+from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Delivery, Dropped, Resync, Router
 from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
 
 PUBLIC, PRIVATE, PREFIXED = StreamKind.PUBLIC, StreamKind.PRIVATE, StreamKind.PREFIXED
@@ -424,12 +424,26 @@ def check_payload(payload: bytes, frame_key: str, value: Any) -> None:
     assert frame[frame_key] == value
 
 
+def book_sequence(value: Any) -> int | None:
+    """§6: the ``sequence`` an order-book body carries, if it is an integer (a bool is not)."""
+    if not isinstance(value, dict):
+        return None
+    sequence = value.get("sequence")
+    return sequence if isinstance(sequence, int) and not isinstance(sequence, bool) else None
+
+
 class Books:
-    """The §6 order-book cache as a model: inc topic -> frames (snapshot, then increments)."""
+    """The §6 order-book cache as a model: inc topic -> frames (snapshot, then increments).
+
+    A book whose snapshot has a sequence is followed in ``sequences``; one out of sequence is
+    in ``broken`` (not cached) until its next snapshot.
+    """
 
     def __init__(self, max_increments: int) -> None:
         self.max_increments = max_increments
         self.frames: dict[str, list[bytes]] = {}
+        self.sequences: dict[str, int] = {}
+        self.broken: set[str] = set()
 
     def check(self, topic: str, result: Delivery | Dropped, value: Any) -> bool | None:
         """Check a public message's outcome and update the cache.
@@ -443,23 +457,77 @@ class Books:
             check_payload(result.payload, topic, value)
             fresh = inc_topic not in self.frames
             self.frames[inc_topic] = [result.payload]
-            return fresh  # only the first snapshot (or the first after an overflow) goes out
+            self.broken.discard(inc_topic)
+            sequence = book_sequence(value)
+            last = self.sequences.pop(inc_topic, None)
+            reason = None
+            if sequence is not None:
+                self.sequences[inc_topic] = sequence
+                if last is not None and sequence != last:
+                    reason = "gap" if sequence > last else "restart"
+            assert getattr(result, "reason", None) == reason
+            # The first snapshot (or the first after an overflow or a break) goes out, and one
+            # whose sequence is not the book's last.
+            return fresh or reason is not None
         if topic.endswith("-inc"):
             book = self.frames.get(topic)
             if book is None:
+                if topic in self.broken:  # forwarded to the subscribers, not cached
+                    assert type(result) is Delivery
+                    check_payload(result.payload, topic, value)
+                    return True
                 assert result == Dropped("no_snapshot")
                 return None
             if len(book) - 1 >= self.max_increments:
                 del self.frames[topic]
+                self.sequences.pop(topic, None)
                 assert result == Dropped("book_overflow")
                 return None
-            assert isinstance(result, Delivery)
+            last = self.sequences.get(topic)
+            if last is not None:
+                sequence = book_sequence(value)
+                if sequence == last:
+                    assert result == Dropped("duplicate")
+                    return None
+                if sequence != last + 1:
+                    if sequence is None:
+                        reason = "no_sequence"
+                    else:
+                        reason = "gap" if sequence > last else "step_back"
+                    assert isinstance(result, Resync)
+                    assert result.reason == reason
+                    check_payload(result.payload, topic, value)
+                    del self.frames[topic]
+                    del self.sequences[topic]
+                    self.broken.add(topic)
+                    return True
+                self.sequences[topic] = sequence
+            assert type(result) is Delivery
             check_payload(result.payload, topic, value)
             book.append(result.payload)
             return True
-        assert isinstance(result, Delivery)
+        assert type(result) is Delivery
         check_payload(result.payload, topic, value)
         return True
+
+
+def check_replays_are_consecutive(frames: Iterable[bytes]) -> None:
+    """No replay holds a sequence that does not follow on: after a snapshot with an integer
+    ``sequence``, each increment of its book carries the previous one + 1 (§6)."""
+    book: str | None = None
+    last: int | None = None
+    for frame in frames:
+        decoded = decode_frame(frame)
+        key = next(iter(decoded)) if type(decoded) is dict and len(decoded) == 1 else None
+        if key is not None and key.endswith("-snap"):
+            book, last = key.removesuffix("-snap") + "-inc", book_sequence(decoded[key])
+        elif key is not None and key == book:
+            if last is not None:
+                sequence = book_sequence(decoded[key])
+                assert sequence == last + 1, f"{key}: {sequence} replayed after {last}"
+                last = sequence
+        else:
+            book, last = None, None
 
 
 def check_route(
@@ -469,6 +537,8 @@ def check_route(
     assert isinstance(result, Delivery | Dropped)
     if isinstance(result, Dropped):
         assert result.reason in DROP_REASONS
+    if isinstance(result, Resync):
+        assert result.reason in RESYNC_REASONS
     route = expected_route(routing_key)
     if route is None:
         assert result == Dropped("bad_routing_key")
@@ -528,6 +598,50 @@ def test_route_order_book_cache(prefix: str, events: list[str], body: str) -> No
         result = router.route(prefix + event, body.encode("utf-8", "surrogatepass"))
         check_route(router, books, prefix + event, body.encode("utf-8", "surrogatepass"), result)
         assert cached_book(router, "eurusd.ob-inc") == books.frames.get("eurusd.ob-inc", [])
+
+
+# Sequences as publishers send them: integers near each other, and the values that are none.
+sequences = st.one_of(
+    st.integers(0, 6),
+    st.sampled_from([None, True, False, 2.0, "3", [1], MISSING]),
+)
+
+
+def book_body(sequence: object) -> bytes:
+    body: dict[str, object] = {"asks": [["1.5", "2"]]}
+    if sequence is not MISSING:
+        body["sequence"] = sequence
+    return json.dumps(body).encode()
+
+
+@fast(300)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["-snap", "-inc", "-inc", "-inc", "join"]), sequences),
+        max_size=20,
+    )
+)
+def test_late_subscribers_never_get_a_replay_out_of_sequence(
+    steps: list[tuple[str, object]],
+) -> None:
+    router = Router({}, max_increments=4)
+    books = Books(max_increments=4)
+    current = Client("current")
+    router.subscribe(current, ["eurusd.ob-inc"])
+    for number, (event, sequence) in enumerate(steps):
+        if event == "join":
+            late = Client(f"late{number}")
+            frames = router.subscribe(late, ["eurusd.ob-inc"])
+            assert frames[:-1] == books.frames.get("eurusd.ob-inc", [])
+            check_replays_are_consecutive(frames)
+            continue
+        key, body = "public.eurusd.ob" + event, book_body(sequence)
+        result = router.route(key, body)
+        checked = check_route(router, books, key, body, result)
+        if checked is not None:
+            assert isinstance(result, Delivery)
+            assert (current in result.recipients) is checked[1]
+        check_replays_are_consecutive(cached_book(router, "eurusd.ob-inc"))
 
 
 # -- Router subscriptions: a state machine against a model ----------------------------------
@@ -638,6 +752,7 @@ BAD_BODIES = (b"NaN", b"\xff", b"", b"{")
 stream_lists = st.lists(st.sampled_from(COMMON_NAMES * 4 + ODD_NAMES), max_size=5)
 routing_keys_in_use = st.sampled_from(COMMON_KEYS * 3 + ODD_KEYS)
 bodies_in_use = st.sampled_from(GOOD_BODIES * 3 + BAD_BODIES)
+SEQUENCED_MARKETS = ("public.eurusd.ob", "global.btcusd.ob")
 
 
 class RouterMachine(RuleBasedStateMachine):
@@ -651,6 +766,7 @@ class RouterMachine(RuleBasedStateMachine):
         )
         self.held: dict[Client, dict[str, StreamKind]] = {client: {} for client in POOL}
         self.books = Books(MAX_INCREMENTS)
+        self.published: dict[str, int] = {}  # market -> the sequence its publisher sent last
 
     def changed(self, kind: StreamKind, name: str, delta: int) -> None:
         assert delta in (1, -1)
@@ -704,6 +820,7 @@ class RouterMachine(RuleBasedStateMachine):
             return
 
         frames = self.router.subscribe(client, request)
+        check_replays_are_consecutive(frames)
         held.update(added)
         expected.append({"success": {"message": "subscribed", "streams": listing(held)}})
         assert len(frames) == len(expected)
@@ -739,6 +856,23 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(routing_key=routing_keys_in_use, body=bodies_in_use)
     def route(self, routing_key: str, body: bytes) -> None:
+        self.route_and_check(routing_key, body)
+
+    @rule(
+        market=st.sampled_from(SEQUENCED_MARKETS),
+        event=st.sampled_from(["-inc", "-inc", "-inc", "-snap"]),
+        step=st.sampled_from([1, 1, 1, 1, 1, 0, 2, -1, -3]),
+    )
+    def route_sequenced(self, market: str, event: str, step: int) -> None:
+        """A Peatio-like publisher: increments last + ``step``, snapshots last + ``step`` - 1
+        (so ``step`` 1 is in sequence either way), and now and then no sequence at all."""
+        last = self.published.get(market, 0)
+        sequence = last + step if event == "-inc" else last + step - 1
+        self.published[market] = sequence
+        body = b'{"sequence":%d}' % sequence if step != -3 else b'{"sequence":null}'
+        self.route_and_check(market + event, body)
+
+    def route_and_check(self, routing_key: str, body: bytes) -> None:
         result = self.router.route(routing_key, body)
         checked = check_route(self.router, self.books, routing_key, body, result)
         if checked is None:
@@ -821,6 +955,7 @@ class RouterMachine(RuleBasedStateMachine):
         assert cached_books(self.router) == len(self.books.frames)
         for topic, frames in self.books.frames.items():
             assert cached_book(self.router, topic) == frames
+            check_replays_are_consecutive(frames)
 
     def teardown(self) -> None:
         self.remove_everyone()

@@ -15,7 +15,7 @@ import pytest
 from ranger_py import errors
 from ranger_py.auth import Auth
 from ranger_py.protocol import StreamKind, parse_request
-from ranger_py.router import DROP_REASONS, Delivery, Dropped, Router
+from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Delivery, Dropped, Resync, Router
 from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
 
 PUBLIC, PRIVATE, PREFIXED = StreamKind.PUBLIC, StreamKind.PRIVATE, StreamKind.PREFIXED
@@ -48,6 +48,8 @@ def publish(router: Router, routing_key: str, body: bytes | str) -> Delivery | D
     """Route one message and hand its payload to each recipient, as the consumer would."""
     result = router.route(routing_key, body.encode() if isinstance(body, str) else body)
     if isinstance(result, Delivery):
+        if isinstance(result, Resync):
+            assert result.reason in RESYNC_REASONS
         for client in result.recipients:
             assert isinstance(client, Client)
             client.received.append(result.payload)
@@ -373,6 +375,278 @@ def test_increments_are_cached_without_subscribers(router: Router) -> None:
     assert isinstance(result, Delivery)
     assert not result.recipients
     assert len(cached_book(router, "m.ob-inc")) == 2
+
+
+# -- §6 sequences: a book out of sequence is never replayed -------------------------------------
+
+
+def snap(sequence: object, levels: str = "[]") -> str:
+    return f'{{"asks":{levels},"sequence":{json.dumps(sequence)}}}'
+
+
+def inc(sequence: object, price: str = "1.0") -> str:
+    return f'{{"asks":["{price}","2.0"],"sequence":{json.dumps(sequence)}}}'
+
+
+def snap_frame(sequence: object, levels: str = "[]") -> bytes:
+    return b'{"m.ob-snap":%s}' % snap(sequence, levels).encode()
+
+
+def inc_frame(sequence: object, price: str = "1.0") -> bytes:
+    return b'{"m.ob-inc":%s}' % inc(sequence, price).encode()
+
+
+def test_consecutive_sequences_are_cached_and_replayed(router: Router) -> None:
+    publish(router, "public.m.ob-snap", snap(1))
+    for sequence in (2, 3):
+        result = publish(router, "public.m.ob-inc", inc(sequence))
+        assert type(result) is Delivery
+    assert router.subscribe(Client(), ["m.ob-inc"]) == [
+        snap_frame(1),
+        inc_frame(2),
+        inc_frame(3),
+        subscribed("m.ob-inc"),
+    ]
+
+
+def test_gap_breaks_the_book_until_the_next_snapshot_which_goes_live(
+    router: Router, caplog: pytest.LogCaptureFixture
+) -> None:
+    current = Client()
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-snap", snap(1))  # the first one: live
+    publish(router, "public.m.ob-inc", inc(2))
+    with caplog.at_level(logging.WARNING, logger="ranger_py.router"):
+        result = publish(router, "public.m.ob-inc", inc(4))  # 3 lost upstream
+    assert result == Resync(inc_frame(4), {current}, "gap")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "m.ob-inc" in caplog.records[0].getMessage()
+    assert cached_book(router, "m.ob-inc") == []
+    assert cached_books(router) == 0
+
+    # A late subscriber gets nothing of the book: no snapshot, no increments.
+    late = Client()
+    assert router.subscribe(late, ["m.ob-inc"]) == [subscribed("m.ob-inc")]
+    # Until the next snapshot, increments go on live to the subscribers and are not cached.
+    assert type(publish(router, "public.m.ob-inc", inc(5))) is Delivery
+    assert cached_book(router, "m.ob-inc") == []
+    assert router.subscribe(Client(), ["m.ob-inc"]) == [subscribed("m.ob-inc")]
+
+    result = publish(router, "public.m.ob-snap", snap(10))
+    assert type(result) is Delivery  # the break was counted once, at the increment
+    publish(router, "public.m.ob-inc", inc(11))
+    assert current.received == [
+        snap_frame(1),
+        inc_frame(2),
+        inc_frame(4),
+        inc_frame(5),
+        snap_frame(10),
+        inc_frame(11),
+    ]
+    assert late.received == [inc_frame(5), snap_frame(10), inc_frame(11)]
+    assert router.subscribe(Client(), ["m.ob-inc"]) == [
+        snap_frame(10),
+        inc_frame(11),
+        subscribed("m.ob-inc"),
+    ]
+
+
+def test_a_broken_book_forwards_every_increment_unchecked(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    assert publish(router, "public.m.ob-inc", inc(3)) == Resync(inc_frame(3), {current}, "gap")
+    # Counted once per break: what follows until the snapshot is plain delivery, repeats too.
+    for sequence in (3, 2, 7, None):
+        result = publish(router, "public.m.ob-inc", inc(sequence))
+        assert type(result) is Delivery
+        assert set(result.recipients) == {current}
+    assert current.received == [inc_frame(s) for s in (3, 3, 2, 7, None)]
+
+
+def test_duplicate_is_dropped_and_does_not_break_the_book(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(2))
+    assert publish(router, "public.m.ob-inc", inc(2, "9.0")) == Dropped("duplicate")
+    publish(router, "public.m.ob-inc", inc(3))
+    assert current.received == [inc_frame(2), inc_frame(3)]
+    assert cached_book(router, "m.ob-inc") == [snap_frame(1), inc_frame(2), inc_frame(3)]
+
+
+def test_an_increment_with_the_snapshots_sequence_is_a_duplicate(router: Router) -> None:
+    # Peatio's snapshot carries the sequence of the last change it includes.
+    publish(router, "public.m.ob-snap", snap(5))
+    assert publish(router, "public.m.ob-inc", inc(5)) == Dropped("duplicate")
+    assert cached_book(router, "m.ob-inc") == [snap_frame(5)]
+
+
+def test_step_back_breaks_the_book(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(5))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(6))
+    publish(router, "public.m.ob-inc", inc(7))
+    assert publish(router, "public.m.ob-inc", inc(6, "3.0")) == Resync(
+        inc_frame(6, "3.0"), {current}, "step_back"
+    )
+    assert cached_books(router) == 0
+
+
+def test_reordered_increments_break_the_book_at_the_first_out_of_place(router: Router) -> None:
+    publish(router, "public.m.ob-snap", snap(1))
+    publish(router, "public.m.ob-inc", inc(2))
+    outcomes = [publish(router, "public.m.ob-inc", inc(s)) for s in (4, 3, 5)]
+    assert [getattr(outcome, "reason", None) for outcome in outcomes] == ["gap", None, None]
+    late = Client()
+    assert router.subscribe(late, ["m.ob-inc"]) == [subscribed("m.ob-inc")]
+
+
+def test_snapshot_below_the_last_increment_replaces_the_book_and_goes_live(
+    router: Router,
+) -> None:
+    # A publisher that restarted counts again from the start: its snapshot is the book now,
+    # and the current subscribers must get it, or its increments look like a step back.
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(100))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(101))
+    assert publish(router, "public.m.ob-snap", snap(1)) == Resync(
+        snap_frame(1), {current}, "restart"
+    )
+    publish(router, "public.m.ob-inc", inc(2))
+    assert current.received == [inc_frame(101), snap_frame(1), inc_frame(2)]
+    assert cached_book(router, "m.ob-inc") == [snap_frame(1), inc_frame(2)]
+
+
+def test_snapshot_past_the_last_increment_goes_live(router: Router) -> None:
+    # The increments between were lost: the subscribers' books are behind this one.
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(2))
+    assert publish(router, "public.m.ob-snap", snap(5)) == Resync(snap_frame(5), {current}, "gap")
+    publish(router, "public.m.ob-inc", inc(6))
+    assert current.received == [inc_frame(2), snap_frame(5), inc_frame(6)]
+
+
+def test_snapshot_in_step_is_cached_only(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(2))
+    result = publish(router, "public.m.ob-snap", snap(2))
+    assert result == Delivery(snap_frame(2), frozenset())
+    assert type(result) is Delivery
+    assert current.received == [inc_frame(2)]
+
+
+@pytest.mark.parametrize("sequence", [None, "2", 2.0, True, [2], {"n": 2}, "missing"])
+def test_books_without_an_integer_sequence_are_never_checked(
+    router: Router, sequence: object
+) -> None:
+    body = '{"asks":[]}' if sequence == "missing" else snap(sequence)
+    current = Client()
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-snap", body)
+    # Repeats, gaps and steps back are all cached and forwarded, as without any sequence.
+    for number in (5, 5, 9, 1):
+        assert type(publish(router, "public.m.ob-inc", inc(number))) is Delivery
+    assert type(publish(router, "public.m.ob-snap", body)) is Delivery
+    frame = b'{"m.ob-snap":%s}' % body.encode()
+    assert current.received == [frame] + [inc_frame(n) for n in (5, 5, 9, 1)]
+
+
+def test_bodies_that_are_not_objects_are_books_without_a_sequence(router: Router) -> None:
+    publish(router, "public.m.ob-snap", "[1]")
+    publish(router, "public.m.ob-inc", "[3]")
+    publish(router, "public.m.ob-inc", "[3]")
+    assert cached_book(router, "m.ob-inc") == [
+        b'{"m.ob-snap":[1]}',
+        b'{"m.ob-inc":[3]}',
+        b'{"m.ob-inc":[3]}',
+    ]
+
+
+@pytest.mark.parametrize("body", [inc(None), inc(3.0), inc(True), inc("3"), '{"asks":[]}', "[3]"])
+def test_increment_without_an_integer_sequence_breaks_a_sequenced_book(
+    router: Router, body: str
+) -> None:
+    # Nobody could tell whether it follows on; a client checking sequences would drop the book.
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(2))
+    result = publish(router, "public.m.ob-inc", body)
+    assert result == Resync(b'{"m.ob-inc":%s}' % body.encode(), {current}, "no_sequence")
+    assert router.subscribe(Client(), ["m.ob-inc"]) == [subscribed("m.ob-inc")]
+
+
+def test_a_sequenced_snapshot_after_an_unsequenced_one_starts_checking(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", '{"asks":[]}')
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(50))
+    # The book was cached and is not out of sequence: cached only, as before.
+    assert publish(router, "public.m.ob-snap", snap(7)) == Delivery(snap_frame(7), frozenset())
+    assert publish(router, "public.m.ob-inc", inc(9)) == Resync(inc_frame(9), {current}, "gap")
+
+
+def test_an_unsequenced_snapshot_mends_a_broken_book_and_stops_checking(router: Router) -> None:
+    current = Client()
+    publish(router, "public.m.ob-snap", snap(1))
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-inc", inc(3))
+    assert publish(router, "public.m.ob-snap", "[0]") == Delivery(b'{"m.ob-snap":[0]}', {current})
+    assert type(publish(router, "public.m.ob-inc", inc(9))) is Delivery
+    assert cached_book(router, "m.ob-inc") == [b'{"m.ob-snap":[0]}', inc_frame(9)]
+
+
+def test_overflow_forgets_the_sequence_with_the_book() -> None:
+    router = Router({}, max_increments=1)
+    current = Client()
+    router.subscribe(current, ["m.ob-inc"])
+    publish(router, "public.m.ob-snap", snap(1))
+    publish(router, "public.m.ob-inc", inc(2))
+    assert publish(router, "public.m.ob-inc", inc(3)) == Dropped("book_overflow")
+    assert publish(router, "public.m.ob-inc", inc(4)) == Dropped("no_snapshot")
+    # No book, so live as every first snapshot; not a resync: nobody holds a book to resync.
+    assert publish(router, "public.m.ob-snap", snap(20)) == Delivery(snap_frame(20), {current})
+    assert type(publish(router, "public.m.ob-inc", inc(21))) is Delivery
+
+
+def test_a_mended_book_is_no_longer_broken() -> None:
+    router = Router({}, max_increments=1)
+    publish(router, "public.m.ob-snap", snap(1))
+    publish(router, "public.m.ob-inc", inc(3))  # broken
+    publish(router, "public.m.ob-snap", snap(3))  # mended
+    publish(router, "public.m.ob-inc", inc(4))
+    assert publish(router, "public.m.ob-inc", inc(5)) == Dropped("book_overflow")
+    # Gone by the bound, not out of sequence: increments are dropped again, not forwarded.
+    assert publish(router, "public.m.ob-inc", inc(6)) == Dropped("no_snapshot")
+
+
+def test_sequences_are_kept_per_book(router: Router) -> None:
+    publish(router, "public.m.ob-snap", snap(1))
+    publish(router, "public.m.ob-inc", inc(3))
+    publish(router, "public.n.ob-snap", '{"sequence":1}')
+    assert type(publish(router, "public.n.ob-inc", '{"sequence":2}')) is Delivery
+    assert cached_book(router, "n.ob-inc") == [
+        b'{"n.ob-snap":{"sequence":1}}',
+        b'{"n.ob-inc":{"sequence":2}}',
+    ]
+    assert cached_book(router, "m.ob-inc") == []
+
+
+def test_private_and_prefixed_books_are_never_checked(router: Router) -> None:
+    owner = Client("U1", "admin")
+    router.subscribe(owner, ["ob-inc", "admin.m.ob-inc"])
+    for key in ("private.U1", "admin.m"):
+        publish(router, f"{key}.ob-snap", snap(1))
+        for sequence in (1, 5, 2):
+            assert type(publish(router, f"{key}.ob-inc", inc(sequence))) is Delivery
+    assert len(owner.received) == 8
 
 
 # -- Ruby router_spec 6-9 (flat names there; public names here) ------------------------------
