@@ -34,7 +34,7 @@ from ranger_py.fanout import Fanout, yield_every
 from ranger_py.gevent_adapter import Watcher, hub_loop, repeating_timer, yield_to_loop
 from ranger_py.metrics import WorkerMetrics
 from ranger_py.protocol import StreamKind
-from ranger_py.router import DROP_REASONS, Router
+from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Router
 
 __all__ = ["Gateway", "create_app"]
 
@@ -48,7 +48,7 @@ class Gateway:
     """The parts of one worker, wired; what the app and the gunicorn worker act on."""
 
     def __init__(self, config: Config) -> None:
-        self.metrics = WorkerMetrics(drop_reasons=DROP_REASONS)
+        self.metrics = WorkerMetrics(drop_reasons=DROP_REASONS, resync_reasons=RESYNC_REASONS)
         self.router = Router(
             config.rbac,
             max_streams=config.max_streams,
