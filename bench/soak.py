@@ -216,7 +216,7 @@ def rss_fit(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
 
 
 def verdict(document: dict[str, Any], settings: SoakSettings) -> dict[str, Any]:
-    """Pass: no private message lost while the broker was up, RSS growth after warm-up under
+    """Pass: no message lost or repeated, in a cut window or outside, RSS growth after warm-up under
     the threshold, and a sound run (it finished, something private was expected, every cut was
     followed by the server consuming again, no outage we did not cause, the server lived)."""
     reasons = []
@@ -224,14 +224,22 @@ def verdict(document: dict[str, Any], settings: SoakSettings) -> dict[str, Any]:
         reasons.append("interrupted")
     if document.get("failure"):
         reasons.append(f"run failed: {document['failure']}")
-    private = document.get("delivery", {}).get("private")
+    delivery = document.get("delivery", {})
+    private = delivery.get("private")
     if private is None:
         reasons.append("no delivery figures (the run did not get to the check)")
-    else:
-        if private.get("lost_up", 0):
-            reasons.append(f"{private['lost_up']} private messages lost while the broker was up")
-        if not private.get("expected_up"):
-            reasons.append("no private message was expected: nothing was measured")
+    elif not private.get("expected_up"):
+        reasons.append("no private message was expected: nothing was measured")
+    # The worker's queue outlives a cut: nothing may be lost or repeated, in a cut or outside.
+    for kind in ("public", "private"):
+        tally = delivery.get(kind) or {}
+        for key, what in (
+            ("lost_up", "lost while the broker was up"),
+            ("lost_cut", "lost in the cut windows"),
+            ("duplicated_up", "delivered twice"),
+        ):
+            if tally.get(key, 0):
+                reasons.append(f"{tally[key]} {kind} messages {what}")
     fit = document.get("rss", {}).get("fit", {})
     slope = fit.get("slope_mb_per_min")
     if slope is None:

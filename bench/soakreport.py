@@ -175,7 +175,7 @@ def _cuts(doc: dict[str, Any]) -> None:
                 f"({_n(t['delivered_cut'])} delivered)"
             )
     if parts:
-        _out("  lost in the cut windows (informational): " + "; ".join(parts))
+        _out("  lost in the cut windows: " + "; ".join(parts))
 
 
 def _other(doc: dict[str, Any]) -> None:

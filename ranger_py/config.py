@@ -531,6 +531,19 @@ class Config:
     queue_max_length: int = _setting(
         "RANGER_QUEUE_MAX_LENGTH", 100000, _COUNT, "x-max-length of each worker's broker queue"
     )
+    queue_expires: int = _setting(
+        "RANGER_QUEUE_EXPIRES",
+        60,
+        _Integer(1, 86400),
+        "seconds a worker's broker queue outlives its consumer (x-expires): a broker connection"
+        " back within it loses no message",
+    )
+    broker_prefetch: int = _setting(
+        "RANGER_BROKER_PREFETCH",
+        1000,
+        _Integer(1, 65535),
+        "broker messages a worker holds unacknowledged (acknowledged in batches after fan-out)",
+    )
     demo: bool = _setting(
         "RANGER_DEMO",
         False,

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +32,7 @@ from kombu.exceptions import OperationalError
 from kombu.mixins import ConsumerMixin
 
 from ranger_py.amqp_adapter import ACCESS_REFUSED, keep_bodies_raw, reply_code, set_socket_timeout
+from ranger_py.recent import RecentMessages
 
 __all__ = ["TIMINGS", "BrokerSettings", "Consumer", "MessageHandler", "Timings"]
 
@@ -84,6 +88,10 @@ def _transport_options(amqp_url: str, timings: Timings) -> dict[str, Any]:
     return {}
 
 
+def _queue_name() -> str:
+    return f"ranger-py.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 class BrokerSettings(Protocol):
     """The part of ``config.Config`` the consumer reads."""
 
@@ -98,6 +106,12 @@ class BrokerSettings(Protocol):
 
     @property
     def broker_heartbeat(self) -> int: ...
+
+    @property
+    def queue_expires(self) -> int: ...
+
+    @property
+    def broker_prefetch(self) -> int: ...
 
 
 class _StopRequestedError(Exception):
@@ -147,12 +161,15 @@ class Consumer(ConsumerMixin):
         queue_max_length: int = 100000,
         heartbeat: float = 10.0,
         *,
+        queue_expires: float = 60.0,
+        prefetch: int = 1000,
         timings: Timings = TIMINGS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Set up the connection; nothing is opened before :meth:`run_forever`.
 
-        ``queue_max_length`` and ``heartbeat`` are taken as ``config.Config`` checked them.
+        ``queue_max_length``, ``heartbeat``, ``queue_expires`` (seconds) and ``prefetch`` are taken
+        as ``config.Config`` checked them.
         ``clock`` is the monotonic clock that outages, heartbeat checks and the login warning's
         rate are measured with.
         """
@@ -166,6 +183,19 @@ class Consumer(ConsumerMixin):
         )
         self.exchange_name = exchange
         self.queue_max_length = queue_max_length
+        # One name for the life of the worker process, so that a new connection finds the queue
+        # that kept filling while the old one was down; unique, so no two workers share one.
+        self.queue_name = _queue_name()
+        self.queue_expires = queue_expires
+        self.prefetch = prefetch
+        # Acknowledged in batches (basic.ack with multiple): a quarter of the window at a time, so
+        # the broker always has room to push more before the ack arrives.
+        self._ack_every = max(1, prefetch // 4)
+        self._unacked: Any = None  # the newest message not acknowledged yet
+        self._unacked_count = 0
+        self._recent = RecentMessages(2 * prefetch)
+        self.redelivered = 0  # messages the broker marked redelivered
+        self.duplicates = 0  # of those, the ones already fanned out: dropped
         self.timings = timings
         self.reconnects = 0
         self._handler = on_message
@@ -196,6 +226,8 @@ class Consumer(ConsumerMixin):
             on_message,
             queue_max_length=config.queue_max_length,
             heartbeat=config.broker_heartbeat,
+            queue_expires=config.queue_expires,
+            prefetch=config.broker_prefetch,
             timings=timings,
         )
 
@@ -336,19 +368,35 @@ class Consumer(ConsumerMixin):
         # py-amqp decodes bodies that carry a content_encoding into str; PROTOCOL §5 forwards
         # bodies as published, so keep them as the bytes that arrived.
         keep_bodies_raw(channel)
-        # Server-named (amq.gen-*), so each worker gets every message, and new on every connection:
-        # re-declaring an amq.* name is refused by RabbitMQ. x-max-length bounds the broker-side
-        # backlog when publishers outpace us; overflow drops the oldest message.
+        self._unacked, self._unacked_count = None, 0  # a new channel: its tags start over
+        # Not exclusive nor auto-deleted: the queue outlives a broken connection and goes on
+        # collecting what Peatio publishes; the broker removes it once it has had no consumer
+        # for x-expires. x-max-length bounds that backlog, dropping the oldest message. A single
+        # active consumer: after a silent loss, the broker may still hold the dead connection's
+        # consumer for a few heartbeats; ours waits until that one is gone and its unacknowledged
+        # messages are back in the queue, so everything arrives in order.
         queue = Queue(  # type: ignore[no-untyped-call]
-            "",
+            self.queue_name,
             exchange=self._exchange,
             routing_key=BINDING_KEY,
-            exclusive=True,
-            auto_delete=True,
+            exclusive=False,
+            auto_delete=False,
             durable=False,
-            queue_arguments={"x-max-length": self.queue_max_length, "x-overflow": "drop-head"},
+            queue_arguments={
+                "x-max-length": self.queue_max_length,
+                "x-overflow": "drop-head",
+                "x-expires": int(self.queue_expires * 1000),
+                "x-single-active-consumer": True,
+            },
         )
-        return [make_consumer(queues=[queue], on_message=self._deliver, no_ack=True)]
+        return [
+            make_consumer(
+                queues=[queue],
+                on_message=self._deliver,
+                no_ack=False,
+                prefetch_count=self.prefetch,
+            )
+        ]
 
     def on_consume_ready(
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
@@ -376,6 +424,10 @@ class Consumer(ConsumerMixin):
         # would keep us from ever sending one and the broker would drop us; check once per safety
         # interval.
         conn = self._live
+        if self._unacked is not None:
+            # Called before each wait for the next message: what was fanned out is acknowledged
+            # before the consumer goes quiet, not a batch later.
+            self._ack()
         now = self._clock()
         if conn is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.timings.safety_interval
@@ -417,14 +469,38 @@ class Consumer(ConsumerMixin):
         return Exchange(self.exchange_name, type="topic", no_declare=True)  # type: ignore[no-untyped-call]
 
     def _deliver(self, message: Any) -> None:
-        routing_key: str = message.delivery_info.get("routing_key") or ""
+        info = message.delivery_info
+        routing_key: str = info.get("routing_key") or ""
         body = message.body
         if body is None:
             body = b""
         elif isinstance(body, str):
             body = body.encode("utf-8")
+        digest = RecentMessages.digest(routing_key, body)
+        if info.get("redelivered"):
+            # Pushed to a connection that died before its acknowledgement reached the broker:
+            # fanned out already if it is among the last messages fanned out.
+            self.redelivered += 1
+            if digest in self._recent:
+                self.duplicates += 1
+                self._acknowledge(message)
+                return
         try:
             self._handler(routing_key, body)
         except Exception:
             # A message the handler chokes on is dropped; the consumer carries on.
             log.exception("message handler failed on %r; message dropped", routing_key)
+        self._recent.add(digest)
+        self._acknowledge(message)
+
+    def _acknowledge(self, message: Any) -> None:
+        """Count ``message`` as done; acknowledge the batch when it is full."""
+        self._unacked = message
+        self._unacked_count += 1
+        if self._unacked_count >= self._ack_every:
+            self._ack()
+
+    def _ack(self) -> None:
+        message, self._unacked, self._unacked_count = self._unacked, None, 0
+        # basic.ack with multiple: every message of this channel up to this one.
+        message.ack(multiple=True)

@@ -537,6 +537,8 @@ class InMemoryBroker:
     exchange: str
     queue_max_length: int
     broker_heartbeat: int
+    queue_expires: int
+    broker_prefetch: int
     amqp_url: str = MEMORY_URL
 
 
@@ -552,6 +554,8 @@ class WorkerFeed:
             exchange=config.exchange,
             queue_max_length=config.queue_max_length,
             broker_heartbeat=config.broker_heartbeat,
+            queue_expires=config.queue_expires,
+            broker_prefetch=config.broker_prefetch,
         )
         self.rate = rate
         self.uid = uid

@@ -131,7 +131,10 @@ class Gateway:
             self._consumer_greenlet.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
 
     def _sweep(self) -> None:
-        self.metrics.flush(self.consumer.ready, self.consumer.reconnects)
+        consumer = self.consumer
+        self.metrics.flush(
+            consumer.ready, consumer.reconnects, consumer.redelivered, consumer.duplicates
+        )
         self.clients.tick(time.monotonic())
 
 

@@ -165,6 +165,16 @@ class WorkerMetrics:
             "Broker connections re-established after a loss",
             registry=None,
         )
+        self._redelivered = Counter(
+            "ranger_broker_redelivered",
+            "Broker messages pushed again after a lost connection (marked redelivered)",
+            registry=None,
+        )
+        self._duplicates = Counter(
+            "ranger_broker_duplicates_dropped",
+            "Redelivered broker messages that had been fanned out already, dropped",
+            registry=None,
+        )
         self._connected = Gauge(
             "ranger_broker_connected",
             "Workers whose broker consumer is connected and consuming",
@@ -203,6 +213,8 @@ class WorkerMetrics:
         self._fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self._fanout_sum = 0.0
         self._reconnects_seen = 0
+        self._redelivered_seen = 0
+        self._duplicates_seen = 0
         self._gc_seen: list[dict[str, int]] = []
         # Per stream: its rango_hub_subscriptions_count and ranger_subscriptions_current children.
         self._topics: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
@@ -255,7 +267,13 @@ class WorkerMetrics:
         rango.inc(delta)
         ranger.inc(delta)
 
-    def flush(self, broker_connected: bool, broker_reconnects: int) -> None:
+    def flush(
+        self,
+        broker_connected: bool,
+        broker_reconnects: int,
+        broker_redelivered: int = 0,
+        broker_duplicates: int = 0,
+    ) -> None:
         """Push what the hot path counted since the last call; about once a second."""
         if self.received:
             self._received.inc(self.received)
@@ -280,6 +298,13 @@ class WorkerMetrics:
         if broker_reconnects > self._reconnects_seen:
             self._reconnects.inc(broker_reconnects - self._reconnects_seen)
             self._reconnects_seen = broker_reconnects
+        # The consumer's own running totals, like its reconnects: only the growth is added.
+        if broker_redelivered > self._redelivered_seen:
+            self._redelivered.inc(broker_redelivered - self._redelivered_seen)
+            self._redelivered_seen = broker_redelivered
+        if broker_duplicates > self._duplicates_seen:
+            self._duplicates.inc(broker_duplicates - self._duplicates_seen)
+            self._duplicates_seen = broker_duplicates
         self._flush_gc()
 
     def _flush_gc(self) -> None:

@@ -1,7 +1,7 @@
 """The consumer against the real RabbitMQ, in a vhost of its own (deleted afterwards).
 
 Byte-exact bodies whatever their properties, an exchange declared with other flags, the bounded
-exclusive queue, a broker-side close, and heartbeats under steady traffic.
+queue that outlives its connection, a broker-side close, and heartbeats under steady traffic.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_rabbitmq_exchange_with_other_flags_is_used_as_it_is(
     assert "PRECONDITION_FAILED" in warnings[0]
 
 
-def test_rabbitmq_queue_is_bounded_and_exclusive(vhost: str) -> None:
+def test_rabbitmq_queue_outlives_its_connection_and_is_bounded(vhost: str) -> None:
     consumer = rabbit_consumer(vhost, Recorder(), queue_max_length=77)
     with running(consumer):
         wait_for(lambda: consumer.ready, what="ready")
@@ -134,15 +134,32 @@ def test_rabbitmq_queue_is_bounded_and_exclusive(vhost: str) -> None:
             "durable", "--formatter", "json", "--quiet",
         )  # fmt: skip
         bindings = rabbitmqctl(
-            "list_bindings", "-p", vhost, "source_name", "routing_key",
+            "list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key",
             "--formatter", "json", "--quiet",
         )  # fmt: skip
-    [queue] = json.loads(listing)
-    assert queue["name"].startswith("amq.gen-")
-    assert (queue["exclusive"], queue["auto_delete"], queue["durable"]) == (True, True, False)
+    # Other tests of this vhost leave queues of their own behind until they expire.
+    [queue] = [row for row in json.loads(listing) if row["name"] == consumer.queue_name]
+    assert (queue["exclusive"], queue["auto_delete"], queue["durable"]) == (False, False, False)
     arguments = {name: value for name, _type, value in queue["arguments"]}
-    assert arguments == {"x-max-length": 77, "x-overflow": "drop-head"}
-    assert {"source_name": consumer.exchange_name, "routing_key": "#"} in json.loads(bindings)
+    assert arguments == {
+        "x-max-length": 77,
+        "x-overflow": "drop-head",
+        "x-expires": 60000,
+        "x-single-active-consumer": True,
+    }
+    binding = {
+        "source_name": consumer.exchange_name,
+        "destination_name": consumer.queue_name,
+        "routing_key": "#",
+    }
+    assert binding in json.loads(bindings)
+    # Stopped, the worker's queue stays (until x-expires) and keeps what is published meanwhile.
+    publish_raw(vhost, consumer.exchange_name, "public.a.b", b'{"n":1}')
+    received = Recorder()
+    again = rabbit_consumer(vhost, received, queue_max_length=77)
+    again.queue_name = consumer.queue_name  # the same worker, consuming again
+    with running(again):
+        assert received.wait_for_count(1) == [("public.a.b", b'{"n":1}')]
 
 
 def test_rabbitmq_closing_the_connection_is_survived(vhost: str) -> None:

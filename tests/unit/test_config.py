@@ -57,6 +57,8 @@ DEFAULTS: dict[str, object] = {
     "handshake_timeout": 5,
     "broker_heartbeat": 4,
     "queue_max_length": 100000,
+    "queue_expires": 60,
+    "broker_prefetch": 1000,
     "demo": False,
 }
 
@@ -152,6 +154,9 @@ ACCEPTED = [
     ("RANGER_MAX_CONNECTIONS", "2", "max_connections", 2),
     ("RANGER_QUEUE_MAX_LENGTH", "10", "queue_max_length", 10),
     ("RANGER_QUEUE_MAX_LENGTH", "1", "queue_max_length", 1),
+    ("RANGER_QUEUE_EXPIRES", "1", "queue_expires", 1),
+    ("RANGER_QUEUE_EXPIRES", "86400", "queue_expires", 86400),
+    ("RANGER_BROKER_PREFETCH", "1", "broker_prefetch", 1),
     ("RANGER_BROKER_HEARTBEAT", "3", "broker_heartbeat", 3),
     ("RANGER_BROKER_HEARTBEAT", "600", "broker_heartbeat", 600),
 ]
@@ -229,6 +234,10 @@ REJECTED = [
     ("RANGER_ORDERBOOK_MAX_INCREMENTS", "0", "is not an integer >= 1"),
     ("RANGER_MAX_CONNECTIONS", "many", "is not an integer >= 1"),
     ("RANGER_QUEUE_MAX_LENGTH", "-10", "is not an integer >= 1"),
+    ("RANGER_QUEUE_EXPIRES", "0", '"0" is not an integer between 1 and 86400'),
+    ("RANGER_QUEUE_EXPIRES", "90000", "between 1 and 86400"),
+    ("RANGER_BROKER_PREFETCH", "0", '"0" is not an integer between 1 and 65535'),
+    ("RANGER_BROKER_PREFETCH", "65536", "between 1 and 65535"),
     ("RANGER_QUEUE_MAX_LENGTH", "0", '"0" is not an integer >= 1'),
     ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
 ]

@@ -66,10 +66,13 @@ def test_from_config_reads_the_broker_fields() -> None:
         exchange: str = "my.exchange"
         queue_max_length: int = 42
         broker_heartbeat: int = 7
+        queue_expires: int = 90
+        broker_prefetch: int = 200
 
     consumer = Consumer.from_config(Settings(), Recorder())
     assert consumer.exchange_name == "my.exchange"
     assert consumer.queue_max_length == 42
+    assert (consumer.queue_expires, consumer.prefetch) == (90, 200)
     assert consumer.connection.hostname == "broker.example"
     assert consumer.connection.port == 5673
     assert consumer.connection.virtual_host == "vh"
@@ -90,8 +93,10 @@ def test_timings_reach_the_connection() -> None:
     assert (memory.connection.transport_options or {})["polling_interval"] == 0.005
 
 
-def test_queue_is_server_named_exclusive_and_bounded() -> None:
-    consumer = Consumer("memory://", "ex", Recorder(), queue_max_length=123)
+def test_queue_outlives_its_connection_is_found_again_and_is_bounded() -> None:
+    consumer = Consumer(
+        "memory://", "ex", Recorder(), queue_max_length=123, queue_expires=45, prefetch=80
+    )
     made: list[dict[str, Any]] = []
 
     def make_consumer(**kwargs: Any) -> object:
@@ -99,15 +104,27 @@ def test_queue_is_server_named_exclusive_and_bounded() -> None:
         return object()
 
     consumer.get_consumers(make_consumer, object())
-    [kwargs] = made
-    assert kwargs["no_ack"] is True
-    [queue] = kwargs["queues"]
-    assert queue.name == ""
-    assert (queue.exclusive, queue.auto_delete, queue.durable) == (True, True, False)
+    consumer.get_consumers(make_consumer, object())  # a reconnect
+    first, second = made
+    assert (first["no_ack"], first["prefetch_count"]) == (False, 80)
+    [queue] = first["queues"]
+    [again] = second["queues"]
+    assert queue.name == again.name == consumer.queue_name
+    assert queue.name.startswith("ranger-py.")
+    assert (queue.exclusive, queue.auto_delete, queue.durable) == (False, False, False)
     assert queue.routing_key == "#"
     assert queue.exchange.name == "ex"
-    assert queue.queue_arguments["x-max-length"] == 123
-    assert queue.queue_arguments["x-overflow"] == "drop-head"
+    assert queue.queue_arguments == {
+        "x-max-length": 123,
+        "x-overflow": "drop-head",
+        "x-expires": 45000,
+        "x-single-active-consumer": True,
+    }
+
+
+def test_every_worker_has_a_queue_of_its_own() -> None:
+    names = {Consumer("memory://", "ex", Recorder()).queue_name for _ in range(50)}
+    assert len(names) == 50
 
 
 # in-memory transport
@@ -287,3 +304,84 @@ def test_unreachable_broker_is_reported_and_stop_still_works(
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert "guest:guest" not in caplog.text  # the password never reaches the log
+
+
+# acknowledgements and redeliveries, on messages shaped as kombu delivers them
+
+
+class Delivered:
+    """What the consumer reads of a kombu message: delivery_info, body, ack(multiple)."""
+
+    acks: list[tuple[int, bool]]
+
+    def __init__(self, tag: int, key: str, body: bytes, *, redelivered: bool = False) -> None:
+        self.delivery_tag = tag
+        self.delivery_info = {"routing_key": key, "redelivered": redelivered}
+        self.body = body
+
+    def ack(self, multiple: bool = False) -> None:
+        Delivered.acks.append((self.delivery_tag, multiple))
+
+
+@pytest.fixture
+def acks() -> list[tuple[int, bool]]:
+    Delivered.acks = []
+    return Delivered.acks
+
+
+def test_messages_are_acknowledged_in_batches_after_their_fan_out(
+    acks: list[tuple[int, bool]],
+) -> None:
+    order: list[str] = []
+
+    def handler(key: str, body: bytes) -> None:
+        order.append(f"fanout {body.decode()}")
+
+    consumer = Consumer("memory://", "ex", handler, prefetch=8)  # batches of 2
+    for tag in range(1, 6):
+        consumer._deliver(Delivered(tag, "public.a.b", b"%d" % tag))
+        order.append(f"acks {acks[-1:]}")
+    assert acks == [(2, True), (4, True)]
+    assert order[:4] == ["fanout 1", "acks []", "fanout 2", "acks [(2, True)]"]
+    consumer.on_iteration()  # before waiting for more: the rest of the batch goes
+    assert acks == [(2, True), (4, True), (5, True)]
+    consumer.on_iteration()
+    assert len(acks) == 3  # nothing left to acknowledge
+
+
+def test_a_redelivered_message_already_fanned_out_is_dropped_and_counted(
+    acks: list[tuple[int, bool]],
+) -> None:
+    received = Recorder()
+    consumer = Consumer("memory://", "ex", received, prefetch=100)
+    consumer._deliver(Delivered(1, "public.a.b", b'{"n":1}'))
+    consumer._deliver(Delivered(2, "public.a.b", b'{"n":2}'))
+    # The connection died before the acknowledgement: the broker pushes both again, then 3,
+    # which the old connection had received but never handed over.
+    consumer._deliver(Delivered(1, "public.a.b", b'{"n":1}', redelivered=True))
+    consumer._deliver(Delivered(2, "public.a.b", b'{"n":2}', redelivered=True))
+    consumer._deliver(Delivered(3, "public.a.b", b'{"n":3}', redelivered=True))
+    assert [body for _, body in received.calls] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert (consumer.redelivered, consumer.duplicates) == (3, 2)
+    consumer.on_iteration()
+    assert acks[-1] == (3, True)  # the dropped ones are acknowledged too
+
+
+def test_a_message_that_is_not_redelivered_is_never_dropped(
+    acks: list[tuple[int, bool]],
+) -> None:
+    received = Recorder()
+    consumer = Consumer("memory://", "ex", received, prefetch=100)
+    for tag in (1, 2):
+        consumer._deliver(Delivered(tag, "public.a.b", b'{"same":true}'))
+    assert len(received.calls) == 2
+    assert consumer.duplicates == 0
+
+
+def test_a_message_the_handler_fails_on_is_acknowledged_all_the_same(
+    acks: list[tuple[int, bool]],
+) -> None:
+    consumer = Consumer("memory://", "ex", Recorder(fail_on="public.bad.x"), prefetch=8)
+    consumer._deliver(Delivered(1, "public.bad.x", b"{}"))
+    consumer._deliver(Delivered(2, "public.a.b", b"{}"))
+    assert acks == [(2, True)]

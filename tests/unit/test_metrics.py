@@ -142,6 +142,16 @@ def test_fanout_counts_each_book_out_of_sequence_once_and_duplicates_as_drops() 
     assert sample(text, 'ranger_messages_dropped_total{reason="duplicate"}') == 1
 
 
+def test_redeliveries_and_dropped_duplicates_counted_as_deltas_of_the_consumer_totals() -> None:
+    m = WorkerMetrics()
+    m.flush(True, 0, 5, 2)
+    m.flush(True, 0, 5, 2)
+    m.flush(True, 1, 9, 3)
+    text = exposition(m._redelivered, m._duplicates)
+    assert sample(text, "ranger_broker_redelivered_total") == 9
+    assert sample(text, "ranger_broker_duplicates_dropped_total") == 3
+
+
 def test_subscription_gauge_goes_back_to_zero_and_labels_are_capped() -> None:
     m = WorkerMetrics()
     m.subscription("public", "eurusd.trades", 1)
