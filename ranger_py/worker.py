@@ -35,7 +35,8 @@ class RangerWorker(GeventWorker):  # type: ignore[misc]
 
     def is_already_handled(self, respiter: Any) -> bool:
         if respiter is self._handed_over:
-            # The socket was detached from its object: gunicorn's close() leaves the fd to the gateway.
+            # The socket was detached from its object: gunicorn's close() leaves the fd to the
+            # gateway.
             gunicorn_adapter.leave_connection()
         return bool(super().is_already_handled(respiter))
 
