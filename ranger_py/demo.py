@@ -9,7 +9,7 @@ Owns three things:
 * the ``ranger-py demo`` command (:func:`add_arguments`, :func:`run`): the feed published to the
   configured broker, as Peatio would.
 * :class:`WorkerFeed`, for ``RANGER_DEMO=on``: the feed published from a greenlet of the worker into
-  kombu's in-memory transport, which the hub's ordinary consumer reads, so everything after the
+  kombu's in-memory transport, which the gateway's ordinary consumer reads, so everything after the
   broker is the production path.
 
 kombu is imported only inside the two drivers: the command line may import this module in a

@@ -88,7 +88,7 @@ bind = [f"{_host}:{_config.port}"]
 workers = _config.workers
 worker_class = "ranger_py.worker.RangerWorker"
 wsgi_app = "ranger_py.gateway:create_app()"
-# Each worker must build its own hub and consumer after gevent has patched the process.
+# Each worker must build its own gateway and consumer after gevent has patched the process.
 preload_app = False
 # Several instances on one host must not fight over gunicorn's control socket (it
 # is a fixed path by default).

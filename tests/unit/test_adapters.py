@@ -559,7 +559,7 @@ def test_gunicorn_systemd_listen_fds_counts_and_keeps_the_environment(
         assert not gunicorn_adapter.inherits_listeners(SimpleNamespace(master_pid=0))
 
 
-# What app.py returns for a socket the hub took over.
+# What app.py returns for a socket the gateway took over.
 HANDED_OVER: list[bytes] = []
 
 
