@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -110,15 +111,20 @@ class App:
         if path == "/healthcheck":  # Ruby Ranger's probe
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"OK"]
+        # The JSON answers name the worker process that gave them: several workers share the
+        # port, so this tells an operator which one is not ready.
+        worker = os.getpid()
         if path == "/healthz":
-            return self._json(start_response, 200, {"status": "ok"})
+            return self._json(start_response, 200, {"status": "ok", "worker": worker})
         if path == "/readyz":
             # Ready means this worker would take a websocket now: consuming, not stopping, not
             # full (a load balancer must stop sending clients to a worker that answers 503).
             if self.backend.ready:
-                return self._json(start_response, 200, {"status": "ready"})
+                return self._json(start_response, 200, {"status": "ready", "worker": worker})
             return self._json(
-                start_response, 503, {"status": "unavailable", "reason": self.backend.status}
+                start_response,
+                503,
+                {"status": "unavailable", "reason": self.backend.status, "worker": worker},
             )
         raise HandshakeError(400, "this endpoint only serves websocket upgrades")
 

@@ -49,6 +49,7 @@ def test_a_refused_login_is_a_warning_and_readyz_says_why(pool: ServerPool, brok
         assert json.loads(response.body) == {
             "status": "unavailable",
             "reason": f"broker refused the login for {login}",
+            "worker": server.worker_pids()[0],
         }
         assert server.http("/healthz").status == 200  # alive, only not ready
         log = server.log_text()

@@ -206,7 +206,10 @@ def test_serve_from_the_wheel_answers_and_ctrl_c_closes_clients_with_1001(
 ) -> None:
     server = installed_server.start()
     health = server.http("/healthz")
-    assert (health.status, health.json()) == (200, {"status": "ok"})
+    body = health.json()
+    assert health.status == 200 and isinstance(body, dict), health
+    assert body == {"status": "ok", "worker": body["worker"]}
+    assert body["worker"] in server.worker_pids()
     log = server.log_text()
     assert f"Listening at: http://127.0.0.1:{server.port}" in log
     assert "config WEB_CONCURRENCY=2" in log

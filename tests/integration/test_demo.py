@@ -79,7 +79,8 @@ def assert_gap_free(snapshot: dict[str, Any], increments: list[dict[str, Any]]) 
 
 def test_demo_server_is_ready_without_any_broker(demo_server: Server) -> None:
     response = demo_server.http("/readyz")
-    assert (response.status, response.json()) == (200, {"status": "ready"})
+    (worker,) = demo_server.worker_pids()
+    assert (response.status, response.json()) == (200, {"status": "ready", "worker": worker})
     log = demo_server.log_text()
     assert log.count("demo mode, no broker") == 1
     assert "cannot connect to broker" not in log

@@ -308,9 +308,10 @@ def test_readyz_says_unavailable_while_the_worker_is_full(
     assert client.recv() == subscribed()
     response = server.readyz()
     assert response is not None
+    (worker,) = server.worker_pids()
     assert (response.status, response.json()) == (
         503,
-        {"status": "unavailable", "reason": "too many connections"},
+        {"status": "unavailable", "reason": "too many connections", "worker": worker},
     )
     assert _upgrade_status(server, f"http://127.0.0.1:{server.port}") == 503
     client.close()

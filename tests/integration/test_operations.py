@@ -42,8 +42,13 @@ def proxy(broker: Broker) -> Iterator[TcpProxy]:
 
 
 def _readyz(server: Server) -> tuple[int, Any] | None:
+    """One /readyz answer's status and body, the body's ``worker`` checked and left out."""
     response = server.readyz()
-    return None if response is None else (response.status, response.json())
+    if response is None:
+        return None
+    body = response.json()
+    assert isinstance(body, dict) and body.pop("worker") in server.worker_pids(), body
+    return response.status, body
 
 
 def test_readyz_and_broker_metrics_follow_a_broker_outage(

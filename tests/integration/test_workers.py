@@ -11,6 +11,7 @@ from .wsclient import subscribed
 
 CLIENTS = 8
 MESSAGES = 50
+PROBES = 200
 
 
 @pytest.fixture
@@ -50,8 +51,25 @@ def test_every_connection_of_a_user_gets_private_messages_once(
         assert client.recv_many(2) == ['{"order":{"id":1}}', '{"order":{"id":2}}']
 
 
-def test_health_probes_answer_on_every_worker(two_workers: Server) -> None:
-    # Each request may land on either worker; both must be ready.
-    for _ in range(10):
-        assert two_workers.http("/readyz").status == 200
-        assert two_workers.http("/healthcheck").body == b"OK"
+@pytest.mark.parametrize(("path", "status"), [("/readyz", "ready"), ("/healthz", "ok")])
+def test_health_probes_answer_on_every_worker(two_workers: Server, path: str, status: str) -> None:
+    # Each request comes on a new connection, which either worker may accept; the body names the
+    # one that answered. Ask until every worker has answered, within a bound.
+    workers = set(two_workers.worker_pids())
+    assert len(workers) == 2, workers
+    answered: set[int] = set()
+    for _ in range(PROBES):
+        response = two_workers.http(path)
+        body = response.json()
+        assert response.status == 200, (path, response)
+        assert isinstance(body, dict) and body["status"] == status, body
+        assert body["worker"] in workers, (body, workers)
+        answered.add(body["worker"])
+        if answered == workers:
+            break
+    missing = sorted(workers - answered)
+    assert not missing, f"worker {missing} never answered {path} in {PROBES} requests"
+
+
+def test_rangers_healthcheck_answers_ok(two_workers: Server) -> None:
+    assert two_workers.http("/healthcheck").body == b"OK"

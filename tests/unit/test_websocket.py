@@ -1,7 +1,7 @@
 """The websocket transport over a loopback TCP connection, driven by gevent's loop (no patching).
 
 The server end is a raw non-blocking socket as in production; the test's end is a gevent socket,
-so waiting for bytes lets the loop run the server's watchers and flushes.
+so waiting for bytes lets the loop run the server's watchers and flushes (tests/unit/wsutil.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from ranger_py.clients import Clients, Limits
 from ranger_py.frames import encode_text
 from ranger_py.websocket import State, WebSocket
+from tests.unit.wsutil import Peer, masked, tcp_pair
 
 
 class SlowCount:
@@ -72,55 +73,6 @@ class Recorder(WebSocket):
         self.received.append(data)
         if data == "hello":
             self.send(b"world")
-
-
-def masked(opcode: int, payload: bytes) -> bytes:
-    mask = b"\x0a\x0b\x0c\x0d"
-    n = len(payload)
-    header = (
-        bytes((0x80 | opcode, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
-    )
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-class Peer:
-    """The client end: reads server frames (unmasked) off a gevent socket."""
-
-    def __init__(self, sock: gevent.socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-
-    def _fill(self, n: int) -> None:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError
-            self.buffer += chunk
-
-    def frame(self) -> tuple[int, bytes]:
-        self._fill(2)
-        opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
-        offset = 2
-        if length == 126:
-            self._fill(4)
-            (length,) = struct.unpack("!H", self.buffer[2:4])
-            offset = 4
-        elif length == 127:
-            self._fill(10)
-            (length,) = struct.unpack("!Q", self.buffer[2:10])
-            offset = 10
-        self._fill(offset + length)
-        payload = self.buffer[offset : offset + length]
-        self.buffer = self.buffer[offset + length :]
-        return opcode, payload
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of a loopback TCP connection (the registry sets TCP options on its end)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return server, client
 
 
 @pytest.fixture
