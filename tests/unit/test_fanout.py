@@ -37,6 +37,7 @@ class Counts:
         self.received = 0
         self.delivered = 0
         self.dropped: dict[str, int] = {}
+        self.resyncs: dict[str, int] = {}
         self.fanouts: list[float] = []
 
     def observe_fanout(self, seconds: float) -> None:
