@@ -134,8 +134,9 @@ def rs256(rsa_key: rsa.RSAPrivateKey) -> Authenticator:
 def test_rs256_barong_token(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
     # No JWT_AUDIENCE: the token's aud must not make PyJWT refuse it (PyJWT checks aud whenever
     # the token has one, unless told not to).
-    auth = rs256.authenticate(bearer(sign(rsa_key, "RS256")))
-    assert auth == Auth(uid="IDABC0000001", role="admin")
+    exp = int(time.time()) + 3600
+    auth = rs256.authenticate(bearer(sign(rsa_key, "RS256", exp=exp)))
+    assert auth == Auth(uid="IDABC0000001", role="admin", expires=exp)
 
 
 def test_rs256_with_pkcs1_public_key(rsa_key: rsa.RSAPrivateKey) -> None:
@@ -153,8 +154,8 @@ def test_eddsa_with_spki_key(ed_key: ed25519.Ed25519PrivateKey) -> None:
 def test_eddsa_with_rango_raw_key_pem(ed_key: ed25519.Ed25519PrivateKey) -> None:
     env = rango_env_key(ed_key.public_key())
     authenticator = Authenticator(env)
-    auth = authenticator.authenticate(bearer(sign(ed_key, "EdDSA", uid="U2", role="trader")))
-    assert auth == Auth(uid="U2", role="trader")
+    token = sign(ed_key, "EdDSA", uid="U2", role="trader", exp=None)
+    assert authenticator.authenticate(bearer(token)) == Auth(uid="U2", role="trader")
     for token in (hs256(base64.b64decode(env)), unsigned()):
         assert refused(authenticator, bearer(token)) == "algorithm not allowed"
 
@@ -513,15 +514,18 @@ def test_token_is_taken_verbatim(rs256: Authenticator, rsa_key: rsa.RSAPrivateKe
 
 
 def test_token_without_uid_is_anonymous(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
-    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", uid=None, role=None))) == ANONYMOUS
-    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", uid=None))) == Auth(role="admin")
+    # Without exp too, so that nothing is left to tell it from a connection with no token.
+    token = sign(rsa_key, "RS256", uid=None, role=None, exp=None)
+    assert rs256.authenticate(bearer(token)) == ANONYMOUS
+    token = sign(rsa_key, "RS256", uid=None, exp=None)
+    assert rs256.authenticate(bearer(token)) == Auth(role="admin")
 
 
 @pytest.mark.parametrize("value", [42, ["IDABC0000001"], {"id": 1}, True])
 def test_claims_of_the_wrong_type_count_as_missing(
     rs256: Authenticator, rsa_key: rsa.RSAPrivateKey, value: object
 ) -> None:
-    token = sign(rsa_key, "RS256", uid=value, role=value)
+    token = sign(rsa_key, "RS256", uid=value, role=value, exp=None)
     assert rs256.authenticate(bearer(token)) == ANONYMOUS
 
 
