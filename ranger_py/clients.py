@@ -82,38 +82,45 @@ class Expiring(Protocol):
 
     id: int
 
+    @property
+    def deadline(self) -> float | None: ...  # time.time() seconds; None: never
+
     def expired(self) -> None: ...  # its deadline has passed
 
 
 class Deadlines:
-    """Deadlines in ``time.time()`` seconds, each item ended once, when its deadline passes.
+    """Items ended once, when their ``deadline`` (``time.time()`` seconds) has passed.
 
     A heap of ``(deadline, id)`` with lazy deletion, not a compare per socket in the 1 s sweep:
     checking the top costs the same for 10 connections or 10,000, and only due items are touched;
-    no socket has a timer object of its own. Moving a deadline (a renewed token) pushes a new
-    entry and dropping one (a closed socket) only updates ``_live``; the entry left behind is
-    skipped when it comes up. The heap holds ids, never the items, so nothing closed is kept
-    alive by it, and it is rebuilt from ``_live`` once stale entries outnumber live ones
-    (amortised O(1)), so connection churn cannot grow it.
+    no socket has a timer object of its own. A moved deadline (a renewed token) pushes a new entry
+    and a dropped one (a closed socket) only leaves ``_live``; the entry left behind is skipped
+    when it comes up, since it no longer matches its item. The heap holds ids, never the items,
+    so nothing closed is kept alive by it, and it is rebuilt from ``_live`` once stale entries
+    outnumber live ones (amortised O(1)), so connection churn cannot grow it.
     """
 
     _SLACK = 64  # stale entries tolerated on top of the live count before a rebuild
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int]] = []
-        self._live: dict[int, tuple[float, Expiring]] = {}
+        self._live: dict[int, Expiring] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def set(self, item: Expiring, when: float) -> None:
-        """End ``item`` once ``when`` has passed, instead of at any deadline it had."""
-        self._live[item.id] = (when, item)
+    def set(self, item: Expiring) -> None:
+        """End ``item`` at its ``deadline``; call again whenever that changes."""
+        when = item.deadline
+        if when is None:
+            self.discard(item.id)
+            return
+        self._live[item.id] = item
         heapq.heappush(self._heap, (when, item.id))
         self._compact()
 
     def discard(self, item_id: int) -> None:
-        """Forget the deadline of item ``item_id``, if it has one."""
+        """Forget item ``item_id``, if it has a deadline here."""
         if self._live.pop(item_id, None) is not None:
             self._compact()
 
@@ -124,15 +131,19 @@ class Deadlines:
         # Strictly before: a token is still accepted at exactly exp + leeway (auth.py).
         while heap and heap[0][0] < now:
             when, item_id = heapq.heappop(heap)
-            entry = live.get(item_id)
-            if entry is not None and entry[0] == when:
+            item = live.get(item_id)
+            if item is not None and item.deadline == when:
                 del live[item_id]
-                found.append(entry[1])
+                found.append(item)
         return found
 
     def _compact(self) -> None:
         if len(self._heap) > 2 * len(self._live) + self._SLACK:
-            self._heap = [(when, item_id) for item_id, (when, _) in self._live.items()]
+            self._heap = [
+                (when, item_id)
+                for item_id, item in self._live.items()
+                if (when := item.deadline) is not None
+            ]
             heapq.heapify(self._heap)
 
 

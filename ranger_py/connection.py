@@ -147,6 +147,11 @@ class Connection(WebSocket):
         log.debug("connection %d: token renewed", self.id)
         self.send(AUTHENTICATED)
 
+    @property
+    def deadline(self) -> float | None:
+        """When the token stops being accepted, for the worker's Deadlines."""
+        return self.auth.expires
+
     def expired(self) -> None:
         """Called by the worker's Deadlines once the token's expiry has passed unrenewed."""
         if self.state is State.OPEN:
@@ -154,6 +159,6 @@ class Connection(WebSocket):
             self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def _watch_expiry(self) -> None:
-        deadlines, expires = self._tokens.deadlines, self.auth.expires
-        if deadlines is not None and expires is not None:
-            deadlines.set(self, expires)
+        deadlines = self._tokens.deadlines
+        if deadlines is not None:
+            deadlines.set(self)  # a token without exp sets nothing

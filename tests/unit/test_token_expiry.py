@@ -35,19 +35,24 @@ from tests.unit.test_websocket import Peer, masked, tcp_pair
 
 
 class Item:
-    def __init__(self, item_id: int) -> None:
+    def __init__(self, item_id: int, deadline: float | None = None) -> None:
         self.id = item_id
-        self.ended = 0
+        self.deadline = deadline
 
     def expired(self) -> None:
-        self.ended += 1
+        raise AssertionError("Deadlines only returns due items; Clients.expire calls this")
+
+
+def at(deadlines: Deadlines, item: Item, when: float | None) -> None:
+    item.deadline = when
+    deadlines.set(item)
 
 
 def test_only_items_past_their_deadline_are_due() -> None:
     deadlines = Deadlines()
     early, late = Item(1), Item(2)
-    deadlines.set(late, 200.0)
-    deadlines.set(early, 100.0)
+    at(deadlines, late, 200.0)
+    at(deadlines, early, 100.0)
     assert deadlines.due(99.0) == []
     # Still accepted at exactly its deadline (auth.py: refused when now > exp + leeway).
     assert deadlines.due(100.0) == []
@@ -60,18 +65,29 @@ def test_only_items_past_their_deadline_are_due() -> None:
 def test_a_moved_deadline_replaces_the_old_one() -> None:
     deadlines = Deadlines()
     item = Item(1)
-    deadlines.set(item, 100.0)
-    deadlines.set(item, 300.0)
+    at(deadlines, item, 100.0)
+    at(deadlines, item, 300.0)
     assert deadlines.due(200.0) == []  # the old entry comes up and is skipped
     assert len(deadlines) == 1
     assert deadlines.due(301.0) == [item]
+
+
+def test_an_item_without_a_deadline_is_not_held() -> None:
+    deadlines = Deadlines()
+    item = Item(1)
+    deadlines.set(item)
+    assert len(deadlines) == 0
+    at(deadlines, item, 100.0)
+    at(deadlines, item, None)  # its deadline went away: forgotten
+    assert len(deadlines) == 0
+    assert deadlines.due(1e12) == []
 
 
 def test_a_discarded_item_is_never_due_nor_kept_alive() -> None:
     deadlines = Deadlines()
     item = Item(7)
     alive = weakref.ref(item)
-    deadlines.set(item, 100.0)
+    at(deadlines, item, 100.0)
     deadlines.discard(7)
     deadlines.discard(7)  # twice, or for an id never set: nothing happens
     deadlines.discard(8)
@@ -87,11 +103,11 @@ def test_churn_never_grows_the_heap_past_its_live_entries() -> None:
     deadlines = Deadlines()
     keep = [Item(i) for i in range(100)]
     for item in keep:
-        deadlines.set(item, 1e9 + item.id)
+        at(deadlines, item, 1e9 + item.id)
     for i in range(1000, 21000):
-        deadlines.set(Item(i), 1e9)
+        deadlines.set(Item(i, 1e9))
         deadlines.discard(i)
-        deadlines.set(keep[i % 100], 1e9 + i)  # renewals move the deadlines of the kept ones
+        at(deadlines, keep[i % 100], 1e9 + i)  # renewals move the deadlines of the kept ones
         assert len(deadlines._heap) <= 2 * len(deadlines) + Deadlines._SLACK + 1
     assert len(deadlines) == 100
     assert sorted(item.id for item in deadlines.due(2e9)) == list(range(100))
@@ -102,7 +118,7 @@ def test_due_touches_only_due_entries() -> None:
     deadlines = Deadlines()
     items = [Item(i) for i in range(10_000)]
     for item in items:
-        deadlines.set(item, 1000.0 + item.id)
+        at(deadlines, item, 1000.0 + item.id)
     assert deadlines.due(1003.5) == items[:4]
     assert len(deadlines._heap) == 10_000 - 4
 
