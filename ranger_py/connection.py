@@ -135,7 +135,7 @@ class Connection(WebSocket):
     # -- the token (PROTOCOL §3) -------------------------------------------------------------
 
     def renew(self, token: str) -> None:
-        """Take ``token`` in place of the connection's own if it continues it (``renew``)."""
+        """Take ``token`` in place of the connection's own, by Authenticator.renew's rules."""
         try:
             self.auth = self._tokens.authenticator.renew(self.auth, token)
         except AuthError as exc:
