@@ -5,6 +5,9 @@ This module owns the checks of a token (PROTOCOL §3): its signature with the ke
 leeway), ``iss`` and ``aud``. It is the server's only importer of ``jwt`` (PyJWT; the
 ``ranger-py token`` tool signs with it too). Pure apart from reading the clock: no I/O, no
 logging, so a token never reaches a log line from here.
+
+The same checks verify the token of an ``auth`` event (:meth:`Authenticator.renew`), which
+must continue the connection's identity and push its expiry later.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ __all__ = ["ANONYMOUS", "Auth", "AuthSettings", "Authenticator"]
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """Who a connection is: ``uid`` picks its private streams, ``role`` its RBAC prefixes."""
+    """Who a connection is: ``uid`` picks its private streams, ``role`` its RBAC prefixes.
+
+    ``expires`` is when the token stops being accepted: its ``exp`` plus the expiration leeway,
+    in ``time.time()`` seconds; None when it has no ``exp`` (and for anonymous connections).
+    """
 
     uid: str = ""  # "" = anonymous for private streams, even behind a valid token
     role: str = ""
+    expires: float | None = None
 
 
 ANONYMOUS: Auth = Auth()
@@ -166,7 +174,21 @@ class Authenticator:
         """
         if self._key is None:
             raise AuthError(_NOT_CONFIGURED)
-        token = _bearer_token(authorization)
+        return self.verify(_bearer_token(authorization))
+
+    def verify(self, token: str) -> Auth:
+        """Verify a bare token (an ``auth`` event's) exactly as :meth:`authenticate` does.
+
+        Raises:
+            AuthError: as :meth:`authenticate`.
+        """
+        if self._key is None:
+            raise AuthError(_NOT_CONFIGURED)
+        if not token:
+            raise AuthError(_MISSING)
+        if not token.isascii():
+            # A compact JWT is ASCII; this also keeps odd code points away from PyJWT's encode().
+            raise AuthError("malformed token")
         try:
             claims = self._jwt.decode(
                 token,
@@ -179,13 +201,39 @@ class Authenticator:
             raise AuthError(f"missing {exc.claim} claim") from None
         except jwt.PyJWTError as exc:
             raise AuthError(_reason(exc)) from None
-        self._check_times(claims, time.time())
-        return Auth(uid=_string_claim(claims, "uid"), role=_string_claim(claims, "role"))
+        expires = self._check_times(claims, time.time())
+        uid, role = _string_claim(claims, "uid"), _string_claim(claims, "role")
+        return Auth(uid=uid, role=role, expires=expires)
 
-    def _check_times(self, claims: dict[str, Any], now: float) -> None:
+    def renew(self, current: Auth, token: str) -> Auth:
+        """Verify the token of an ``auth`` event for a connection that holds ``current``.
+
+        It must pass :meth:`verify`, name the same ``uid`` and ``role`` (subscriptions were
+        allowed for that role: a new one means a new connection), and expire later than
+        ``current``. A token without ``exp`` only renews one without ``exp``: a renewal must
+        not turn a token that ends into one that never does.
+
+        Raises:
+            AuthError: with the reason; ``current`` stays in force.
+        """
+        renewed = self.verify(token)
+        if renewed.uid != current.uid:
+            raise AuthError("uid does not match the connection")
+        if renewed.role != current.role:
+            raise AuthError("role does not match the connection")
+        if renewed.expires is None:
+            if current.expires is not None:
+                raise AuthError("missing exp claim")
+        elif current.expires is None or renewed.expires <= current.expires:
+            raise AuthError("token does not expire later than the current one")
+        return renewed
+
+    def _check_times(self, claims: dict[str, Any], now: float) -> float | None:
+        """Check exp, nbf and iat; return when the token stops being accepted (None: never)."""
         # Boundaries as Rango (golang-jwt): valid while now <= exp, from now >= nbf and now >= iat.
         exp = _numeric_date(claims, "exp")
-        if exp is not None and now > exp + self._exp_leeway:
+        expires = None if exp is None else exp + self._exp_leeway
+        if expires is not None and now > expires:
             raise AuthError("token expired")
         nbf = _numeric_date(claims, "nbf")
         if nbf is not None and now + self._nbf_leeway < nbf:
@@ -194,6 +242,7 @@ class Authenticator:
         iat = _numeric_date(claims, "iat")
         if iat is not None and now + self._iat_leeway < iat:
             raise AuthError("token issued in the future")
+        return expires
 
 
 def _bearer_token(authorization: str | None) -> str:
@@ -203,13 +252,7 @@ def _bearer_token(authorization: str | None) -> str:
         raise AuthError(_MISSING)
     if not authorization.startswith(_BEARER):
         raise AuthError("authorization scheme must be Bearer")
-    token = authorization[len(_BEARER) :]
-    if not token:
-        raise AuthError(_MISSING)
-    if not token.isascii():
-        # A compact JWT is ASCII; this also keeps odd code points away from PyJWT's encode().
-        raise AuthError("malformed token")
-    return token
+    return authorization[len(_BEARER) :]
 
 
 def _reason(exc: jwt.PyJWTError) -> str:

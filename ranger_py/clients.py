@@ -1,5 +1,9 @@
 """Every websocket of one worker: the registry, the once-per-turn flush, and the timers' sweep.
 
+It also keeps the wall-clock deadlines some websockets have (a connection's token expiry with
+``RANGER_TOKEN_EXPIRY=close``, PROTOCOL §3) in :class:`Deadlines`, so that only due ones are
+touched.
+
 A websocket queues its frames into a list of its own and puts itself on ``dirty``; one callback
 per event-loop turn flushes every dirty socket, each with one ``send`` (websocket.py). This class
 is the ``Owner`` websockets see: the bounds they enforce, the loop their watchers run on, the flush
@@ -11,6 +15,7 @@ Everything runs in one OS thread under gevent; state is plain sets and lists, no
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import socket
@@ -24,7 +29,7 @@ from ranger_py.config import Config
 from ranger_py.gevent_adapter import callback_scheduler
 from ranger_py.websocket import State, WebSocket
 
-__all__ = ["Clients", "Limits", "SlowClients"]
+__all__ = ["Clients", "Deadlines", "Expiring", "Limits", "SlowClients"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,76 @@ class SlowClients(Protocol):
     def slow_client(self) -> None: ...
 
 
+class Expiring(Protocol):
+    """Something :class:`Deadlines` ends at a wall-clock time (a connection and its token)."""
+
+    id: int
+
+    @property
+    def deadline(self) -> float | None: ...  # time.time() seconds; None: never
+
+    def expired(self) -> None: ...  # its deadline has passed
+
+
+class Deadlines:
+    """Items ended once, when their ``deadline`` (``time.time()`` seconds) has passed.
+
+    A heap of ``(deadline, id)`` with lazy deletion, not a compare per socket in the 1 s sweep:
+    checking the top costs the same for 10 connections or 10,000, and only due items are touched;
+    no socket has a timer object of its own. A moved deadline (a renewed token) pushes a new entry
+    and a dropped one (a closed socket) only leaves ``_live``; the entry left behind is skipped
+    when it comes up, since it no longer matches its item. The heap holds ids, never the items,
+    so nothing closed is kept alive by it, and it is rebuilt from ``_live`` once stale entries
+    outnumber live ones (amortised O(1)), so connection churn cannot grow it.
+    """
+
+    _SLACK = 64  # stale entries tolerated on top of the live count before a rebuild
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int]] = []
+        self._live: dict[int, Expiring] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def set(self, item: Expiring) -> None:
+        """End ``item`` at its ``deadline``; call again whenever that changes."""
+        when = item.deadline
+        if when is None:
+            self.discard(item.id)
+            return
+        self._live[item.id] = item
+        heapq.heappush(self._heap, (when, item.id))
+        self._compact()
+
+    def discard(self, item_id: int) -> None:
+        """Forget item ``item_id``, if it has a deadline here."""
+        if self._live.pop(item_id, None) is not None:
+            self._compact()
+
+    def due(self, now: float) -> list[Expiring]:
+        """Remove and return every item whose deadline is before ``now``."""
+        heap, live = self._heap, self._live
+        found = []
+        # Strictly before: a token is still accepted at exactly exp + leeway (auth.py).
+        while heap and heap[0][0] < now:
+            when, item_id = heapq.heappop(heap)
+            item = live.get(item_id)
+            if item is not None and item.deadline == when:
+                del live[item_id]
+                found.append(item)
+        return found
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._live) + self._SLACK:
+            self._heap = [
+                (when, item_id)
+                for item_id, item in self._live.items()
+                if (when := item.deadline) is not None
+            ]
+            heapq.heapify(self._heap)
+
+
 class Clients:
     """The websockets of one worker and what they share: bounds, loop, flush, sweep."""
 
@@ -81,6 +156,7 @@ class Clients:
         self._metrics = metrics
         self._schedule = callback_scheduler(loop)
         self.connections: set[WebSocket] = set()
+        self.deadlines = Deadlines()
         self.dirty: list[WebSocket] = []
         self._flush_pending = False
         self._ids = itertools.count(1)
@@ -127,6 +203,7 @@ class Clients:
     def closed(self, ws: WebSocket, reason: str) -> None:
         """Called once by a websocket when its socket is gone."""
         self.connections.discard(ws)
+        self.deadlines.discard(ws.id)
 
     def slow(self, ws: WebSocket) -> None:
         self._metrics.slow_client()
@@ -173,3 +250,11 @@ class Clients:
             except Exception:
                 log.exception("connection %d: timer failed", ws.id)
                 ws.abort("internal error")
+
+    def expire(self, now: float) -> None:
+        """About once a second, with the wall clock: end what :attr:`deadlines` holds past due."""
+        for item in self.deadlines.due(now):
+            try:
+                item.expired()
+            except Exception:
+                log.exception("connection %d: expiry failed", item.id)

@@ -421,6 +421,15 @@ class Config:
     jwt_not_before_leeway: int | None = _setting(
         "JWT_NOT_BEFORE_LEEWAY", None, _LEEWAY, "leeway on nbf; unset: JWT_DEFAULT_LEEWAY"
     )
+    # "ignore" is Ranger's and Rango's behaviour (a token is checked at connect only), so a
+    # drop-in changes nothing until the operator asks for it (PROTOCOL §3).
+    token_expiry: str = _setting(
+        "RANGER_TOKEN_EXPIRY",
+        "ignore",
+        _Choice({"ignore": "ignore", "close": "close"}),
+        "close: a connection is closed with 4001 once its token's exp plus the exp leeway has"
+        " passed, unless an auth event renewed it; ignore: it stays open (as Ranger and Rango)",
+    )
     cors_origins: tuple[str, ...] | None = _setting(
         "API_CORS_ORIGINS",
         None,

@@ -1,25 +1,30 @@
 """One exchange client (Ruby Ranger's ``Connection``): its identity and its client protocol.
 
 The transport is ``WebSocket``; this class adds what the client says and hears (PROTOCOL §4):
-``ping``, subscribe and unsubscribe requests answered through the router, error replies for
-everything else, and the client's own bookkeeping: one log line when it opens and one when it
-closes, its connection counts, and its subscriptions dropped from the router once it is gone.
-The router keeps the subscriptions; the connection only carries ``auth``.
+``ping``, subscribe and unsubscribe requests answered through the router, ``auth`` requests that
+renew its token (PROTOCOL §3), error replies for everything else, and the client's own
+bookkeeping: one log line when it opens and one when it closes, its connection counts, and its
+subscriptions dropped from the router once it is gone. The router keeps the subscriptions; the
+connection only carries ``auth``. With ``RANGER_TOKEN_EXPIRY=close`` it hands its token's
+deadline to the worker's shared :class:`~ranger_py.clients.Deadlines` and closes with 4001 when
+that passes.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Protocol
 
-from ranger_py.auth import Auth
-from ranger_py.errors import ClientError, UnparsableMessage
-from ranger_py.protocol import PONG, parse_request
+from ranger_py.auth import Auth, Authenticator
+from ranger_py.clients import Deadlines
+from ranger_py.errors import AuthError, ClientError, CloseCode, TokenRefused, UnparsableMessage
+from ranger_py.protocol import AUTHENTICATED, PONG, AuthRequest, parse_request
 from ranger_py.router import Router
-from ranger_py.websocket import Owner, WebSocket
+from ranger_py.websocket import Owner, State, WebSocket
 
-__all__ = ["Connection", "ConnectionMetrics"]
+__all__ = ["Connection", "ConnectionMetrics", "Tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,27 @@ class ConnectionMetrics(Protocol):
 
     def connection_closed(self, authenticated: bool) -> None: ...
 
+    def auth_failure(self, reason: str) -> None: ...
+
+    def token_expired(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """What every connection of a worker shares for its token: one slot per connection for both.
+
+    ``deadlines`` is None with ``RANGER_TOKEN_EXPIRY=ignore``: ``auth`` requests are then
+    answered all the same (a client need not know the mode), but nothing is ever closed.
+    """
+
+    authenticator: Authenticator
+    deadlines: Deadlines | None
+
 
 class Connection(WebSocket):
-    """A client of the gateway: authenticated (or not) once, at connect."""
+    """A client of the gateway: authenticated (or not) at connect, renewed by ``auth``."""
 
-    __slots__ = ("_metrics", "_router", "auth", "path")
+    __slots__ = ("_metrics", "_router", "_tokens", "auth", "path")
 
     def __init__(
         self,
@@ -47,17 +68,20 @@ class Connection(WebSocket):
         path: str,
         router: Router,
         metrics: ConnectionMetrics,
+        tokens: Tokens,
     ) -> None:
         super().__init__(owner, sock, conn_id)
         self.auth = auth
         self.path = path
         self._router = router
         self._metrics = metrics
+        self._tokens = tokens
 
     def open(self, streams: list[str]) -> None:
         """Greet the client: its ``?stream=`` subscription's reply, flushed with the 101."""
         self._metrics.connection_opened(bool(self.auth.uid))
         log.info("connection %d open path=%s uid=%s", self.id, self.path, self.auth.uid or "-")
+        self._watch_expiry()
         # PROTOCOL §4: every connection first hears the reply to its ?stream= subscription.
         self.subscribe(streams)
         self.flush()
@@ -101,7 +125,40 @@ class Connection(WebSocket):
         except ClientError as exc:
             self.send(exc.reply)
             return
-        if request.event == "subscribe":
+        if isinstance(request, AuthRequest):
+            self.renew(request.token)
+        elif request.event == "subscribe":
             self.subscribe(list(request.streams))
         else:
             self.send(self._router.unsubscribe(self, request.streams))
+
+    # -- the token (PROTOCOL §3) -------------------------------------------------------------
+
+    def renew(self, token: str) -> None:
+        """Take ``token`` in place of the connection's own, by Authenticator.renew's rules."""
+        try:
+            self.auth = self._tokens.authenticator.renew(self.auth, token)
+        except AuthError as exc:
+            self._metrics.auth_failure(exc.reason)
+            log.debug("connection %d: token renewal refused: %s", self.id, exc.reason)
+            self.send(TokenRefused(exc.reason).reply)
+            return
+        self._watch_expiry()
+        log.debug("connection %d: token renewed", self.id)
+        self.send(AUTHENTICATED)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the token stops being accepted, for the worker's Deadlines."""
+        return self.auth.expires
+
+    def expired(self) -> None:
+        """Called by the worker's Deadlines once the token's expiry has passed unrenewed."""
+        if self.state is State.OPEN:
+            self._metrics.token_expired()
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def _watch_expiry(self) -> None:
+        deadlines = self._tokens.deadlines
+        if deadlines is not None:
+            deadlines.set(self)  # a token without exp sets nothing

@@ -8,7 +8,8 @@
     ├── HandshakeError       plain HTTP answer before the upgrade (status + JSON reason)
     ├── ClientError          bad client message: JSON error reply, connection stays open
     │   ├── UnparsableMessage, InvalidEvent, NoStreams, StreamsNotStrings, TooManyStreams,
-    │   └── InvalidStreamName
+    │   ├── InvalidStreamName, NoToken, TokenNotString
+    │   └── TokenRefused     an ``auth`` event's token refused; the old one stays in force
     └── CloseConnection      the websocket is closed with ``code`` and ``reason``
 
 Client faults and our own bugs are kept apart: anything that is not a ``RangerError`` is a bug,
@@ -31,8 +32,11 @@ __all__ = [
     "InvalidEvent",
     "InvalidStreamName",
     "NoStreams",
+    "NoToken",
     "RangerError",
     "StreamsNotStrings",
+    "TokenNotString",
+    "TokenRefused",
     "TooManyStreams",
     "UnparsableMessage",
 ]
@@ -48,6 +52,9 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # slow client (PROTOCOL §2)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    # RFC 6455 leaves 4000-4999 to applications: the token's exp (plus leeway) has passed, with
+    # RANGER_TOKEN_EXPIRY=close (PROTOCOL §3).
+    TOKEN_EXPIRED = 4001
 
 
 class RangerError(Exception):
@@ -124,6 +131,27 @@ class InvalidStreamName(ClientError):
     """A stream name nothing can ever be published to (see ``protocol.valid_stream_name``)."""
 
     message = "Invalid stream name"
+
+
+class NoToken(ClientError):
+    """An ``auth`` event without a ``token``, or with an empty one."""
+
+    message = "No token provided"
+
+
+class TokenNotString(ClientError):
+    message = "Token must be a string"
+
+
+class TokenRefused(ClientError):
+    """An ``auth`` event's token was refused (PROTOCOL §3); the connection keeps its old token.
+
+    The text is the one ``/private`` answers 401 with, so a client reads both the same way.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.message = f"Authorization failed: {reason}"
 
 
 class CloseConnection(RangerError):

@@ -26,7 +26,7 @@ from ranger_py.app import App
 from ranger_py.auth import Auth, Authenticator
 from ranger_py.clients import Clients, Limits
 from ranger_py.config import Config
-from ranger_py.connection import Connection
+from ranger_py.connection import Connection, Tokens
 from ranger_py.consumer import Consumer
 from ranger_py.demo import WorkerFeed
 from ranger_py.errors import CloseCode
@@ -47,7 +47,7 @@ _SHUTDOWN_POLL = 0.05
 class Gateway:
     """The parts of one worker, wired; what the app and the gunicorn worker act on."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, authenticator: Authenticator) -> None:
         self.metrics = WorkerMetrics(drop_reasons=DROP_REASONS, resync_reasons=RESYNC_REASONS)
         self.router = Router(
             config.rbac,
@@ -56,6 +56,9 @@ class Gateway:
             on_change=self._subscription_changed,
         )
         self.clients = Clients(Limits.from_config(config), hub_loop(), self.metrics)
+        # RANGER_TOKEN_EXPIRY=ignore: no deadline is ever set, so the sweep finds nothing.
+        deadlines = self.clients.deadlines if config.token_expiry == "close" else None
+        self.tokens = Tokens(authenticator, deadlines)
         self.fanout = Fanout(
             self.router,
             self.clients.request_flush,
@@ -95,7 +98,14 @@ class Gateway:
         self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
     ) -> Connection:
         """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response."""
-        make = partial(Connection, auth=auth, path=path, router=self.router, metrics=self.metrics)
+        make = partial(
+            Connection,
+            auth=auth,
+            path=path,
+            router=self.router,
+            metrics=self.metrics,
+            tokens=self.tokens,
+        )
         conn = self.clients.attach(fd, greeting, make)
         conn.open(streams)
         return conn
@@ -135,6 +145,8 @@ class Gateway:
         self.metrics.flush(
             consumer.ready, consumer.reconnects, consumer.redelivered, consumer.duplicates
         )
+        # Token expiry is wall-clock time (exp); the socket timers run on the monotonic clock.
+        self.clients.expire(time.time())
         self.clients.tick(time.monotonic())
 
 
@@ -145,6 +157,6 @@ def create_app() -> App:
     authenticator = Authenticator.from_config(config)
     if not authenticator.enabled:
         log.warning("JWT_PUBLIC_KEY is not set: /private answers 401 and every client is anonymous")
-    gateway = Gateway(config)
+    gateway = Gateway(config, authenticator)
     gateway.start()
     return App(config, gateway, authenticator)

@@ -157,6 +157,11 @@ class WorkerMetrics:
             "Clients closed with 1008 because their send queue was full",
             registry=None,
         )
+        self._expiry_closes = Counter(
+            "ranger_token_expiry_closes",
+            "Clients closed with 4001 because their token expired (RANGER_TOKEN_EXPIRY=close)",
+            registry=None,
+        )
         self._auth_failures = Counter(
             "ranger_auth_failures", "Refused bearer tokens, by reason", ["reason"], registry=None
         )
@@ -210,6 +215,7 @@ class WorkerMetrics:
         self.delivered = 0
         self.dropped: dict[str, int] = {}
         self.resyncs: dict[str, int] = {}
+        self.expiry_closes = 0
         self._fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self._fanout_sum = 0.0
         self._reconnects_seen = 0
@@ -223,6 +229,10 @@ class WorkerMetrics:
     def slow_client(self) -> None:
         """A client was closed with 1008 because its send queue was full."""
         self._slow_clients.inc()
+
+    def token_expired(self) -> None:
+        """A client is being closed with 4001: its token expired (counted in the sweep)."""
+        self.expiry_closes += 1
 
     def auth_failure(self, reason: str) -> None:
         """A bearer token was refused for ``reason`` (ranger_py.auth's fixed texts)."""
@@ -289,6 +299,9 @@ class WorkerMetrics:
             for reason, count in self.resyncs.items():
                 self._resyncs.labels(reason).inc(count)
             self.resyncs.clear()
+        if self.expiry_closes:
+            self._expiry_closes.inc(self.expiry_closes)
+            self.expiry_closes = 0
         if any(self._fanout_counts):
             # Histogram.observe costs ~5 µs in multiprocess mode: whole buckets at once instead.
             prometheus_adapter.add_observations(self._fanout, self._fanout_counts, self._fanout_sum)

@@ -19,10 +19,19 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from ranger_py.errors import InvalidEvent, NoStreams, StreamsNotStrings, UnparsableMessage
+from ranger_py.errors import (
+    InvalidEvent,
+    NoStreams,
+    NoToken,
+    StreamsNotStrings,
+    TokenNotString,
+    UnparsableMessage,
+)
 
 __all__ = [
+    "AUTHENTICATED",
     "PONG",
+    "AuthRequest",
     "Request",
     "StreamKind",
     "cannot_subscribe_reply",
@@ -36,6 +45,9 @@ __all__ = [
 
 PONG: bytes = b"pong"
 """The answer to the text ``ping``: raw text, not JSON (Ranger and Rango)."""
+
+AUTHENTICATED: bytes = b'{"success":{"message":"authenticated"}}'
+"""The answer to an ``auth`` event whose token was accepted (PROTOCOL §3)."""
 
 
 class StreamKind(enum.Enum):
@@ -100,15 +112,27 @@ class Request:
     streams: tuple[str, ...]
 
 
-def parse_request(text: str) -> Request:
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """A valid ``auth`` message: a fresh token for the connection (PROTOCOL §3)."""
+
+    token: str
+
+    def __repr__(self) -> str:
+        return "AuthRequest(token=***)"  # a token never reaches a log line
+
+
+def parse_request(text: str) -> Request | AuthRequest:
     """Parse one inbound message that is neither empty nor ``ping`` (the caller handles those).
 
     Raises:
         UnparsableMessage: not JSON, or not a JSON object (``null`` included).
-        InvalidEvent: ``event`` missing, not a string, or not subscribe/unsubscribe.
+        InvalidEvent: ``event`` missing, not a string, or not subscribe/unsubscribe/auth.
         NoStreams: no ``streams`` key.
         StreamsNotStrings: ``streams`` is not a list of strings (Rango crashes on ``null``
             and ``[1]``; Ranger closes with 3000: §4 answers with an error reply instead).
+        NoToken: an ``auth`` event without ``token``, or with ``""``.
+        TokenNotString: an ``auth`` event whose ``token`` is not a string.
     """
     try:
         data = json.loads(text)
@@ -124,6 +148,8 @@ def parse_request(text: str) -> Request:
         kind: Literal["subscribe", "unsubscribe"] = "subscribe"
     elif event == "unsubscribe":
         kind = "unsubscribe"
+    elif event == "auth":
+        return _auth_request(data)
     else:
         raise InvalidEvent()
     if "streams" not in data:
@@ -133,6 +159,15 @@ def parse_request(text: str) -> Request:
         raise StreamsNotStrings()
     # Ranger skips "" (Rango would file it as a private stream named ""); dict keeps first order.
     return Request(kind, tuple(dict.fromkeys(name for name in streams if name)))
+
+
+def _auth_request(data: dict[str, object]) -> AuthRequest:
+    token = data.get("token")
+    if token is None or token == "":  # absent, null or empty: nothing to check
+        raise NoToken()
+    if type(token) is not str:
+        raise TokenNotString()
+    return AuthRequest(token)
 
 
 def streams_from_query(query_string: str) -> list[str]:

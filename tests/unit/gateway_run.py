@@ -19,7 +19,7 @@ from typing import Any
 import gevent
 from gevent import monkey
 
-from ranger_py.auth import ANONYMOUS
+from ranger_py.auth import ANONYMOUS, Authenticator
 from ranger_py.config import Config
 from ranger_py.connection import Connection
 from ranger_py.gateway import Gateway
@@ -93,7 +93,8 @@ def _read_to_the_end(peer: Peer) -> dict[str, Any]:
 
 def scenario() -> dict[str, Any]:
     seen: dict[str, Any] = {}
-    gateway = Gateway(Config.from_env({"RANGER_DEMO": "on", "RANGER_MAX_CONNECTIONS": "2"}))
+    config = Config.from_env({"RANGER_DEMO": "on", "RANGER_MAX_CONNECTIONS": "2"})
+    gateway = Gateway(config, Authenticator.from_config(config))
     seen["before_start"] = _state(gateway)
     gateway.start()
     seen["ready_within_10s"] = _wait(lambda: gateway.ready, 10.0)

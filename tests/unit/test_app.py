@@ -325,11 +325,13 @@ def test_private_with_a_valid_token_is_attached_with_its_uid_and_role(
     )
     assert app(environ, Response()) is HANDED_OVER
     [(_, _, auth, path, streams)] = backend.attached
-    assert (auth, path, streams) == (
-        Auth(uid="IDABC0000001", role="admin"),
+    assert (auth.uid, auth.role, path, streams) == (
+        "IDABC0000001",
+        "admin",
         "/private",
         ["order", "trade"],
     )
+    assert auth.expires is not None  # the token's exp, for RANGER_TOKEN_EXPIRY=close
 
 
 def test_a_token_elsewhere_is_optional_and_a_bad_one_leaves_the_client_anonymous(
@@ -347,7 +349,8 @@ def test_a_valid_token_elsewhere_authenticates(
 ) -> None:
     environ = upgrade("/", conn, HTTP_AUTHORIZATION=f"Bearer {token(signing_key, uid='U9')}")
     assert app(environ, Response()) is HANDED_OVER
-    assert backend.attached[0][2:4] == (Auth(uid="U9", role="member"), "/")
+    auth, path = backend.attached[0][2:4]
+    assert (auth.uid, auth.role, path) == ("U9", "member", "/")
 
 
 def test_an_empty_path_upgrades_as_the_root(

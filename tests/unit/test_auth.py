@@ -134,8 +134,9 @@ def rs256(rsa_key: rsa.RSAPrivateKey) -> Authenticator:
 def test_rs256_barong_token(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
     # No JWT_AUDIENCE: the token's aud must not make PyJWT refuse it (PyJWT checks aud whenever
     # the token has one, unless told not to).
-    auth = rs256.authenticate(bearer(sign(rsa_key, "RS256")))
-    assert auth == Auth(uid="IDABC0000001", role="admin")
+    exp = int(time.time()) + 3600
+    auth = rs256.authenticate(bearer(sign(rsa_key, "RS256", exp=exp)))
+    assert auth == Auth(uid="IDABC0000001", role="admin", expires=exp)
 
 
 def test_rs256_with_pkcs1_public_key(rsa_key: rsa.RSAPrivateKey) -> None:
@@ -153,8 +154,8 @@ def test_eddsa_with_spki_key(ed_key: ed25519.Ed25519PrivateKey) -> None:
 def test_eddsa_with_rango_raw_key_pem(ed_key: ed25519.Ed25519PrivateKey) -> None:
     env = rango_env_key(ed_key.public_key())
     authenticator = Authenticator(env)
-    auth = authenticator.authenticate(bearer(sign(ed_key, "EdDSA", uid="U2", role="trader")))
-    assert auth == Auth(uid="U2", role="trader")
+    token = sign(ed_key, "EdDSA", uid="U2", role="trader", exp=None)
+    assert authenticator.authenticate(bearer(token)) == Auth(uid="U2", role="trader")
     for token in (hs256(base64.b64decode(env)), unsigned()):
         assert refused(authenticator, bearer(token)) == "algorithm not allowed"
 
@@ -513,15 +514,18 @@ def test_token_is_taken_verbatim(rs256: Authenticator, rsa_key: rsa.RSAPrivateKe
 
 
 def test_token_without_uid_is_anonymous(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
-    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", uid=None, role=None))) == ANONYMOUS
-    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", uid=None))) == Auth(role="admin")
+    # Without exp too, so that nothing is left to tell it from a connection with no token.
+    token = sign(rsa_key, "RS256", uid=None, role=None, exp=None)
+    assert rs256.authenticate(bearer(token)) == ANONYMOUS
+    token = sign(rsa_key, "RS256", uid=None, exp=None)
+    assert rs256.authenticate(bearer(token)) == Auth(role="admin")
 
 
 @pytest.mark.parametrize("value", [42, ["IDABC0000001"], {"id": 1}, True])
 def test_claims_of_the_wrong_type_count_as_missing(
     rs256: Authenticator, rsa_key: rsa.RSAPrivateKey, value: object
 ) -> None:
-    token = sign(rsa_key, "RS256", uid=value, role=value)
+    token = sign(rsa_key, "RS256", uid=value, role=value, exp=None)
     assert rs256.authenticate(bearer(token)) == ANONYMOUS
 
 
@@ -534,6 +538,115 @@ def test_auth_is_frozen() -> None:
     assert Auth(uid="", role="") == ANONYMOUS
     with pytest.raises(dataclasses.FrozenInstanceError):
         ANONYMOUS.uid = "x"  # type: ignore[misc]
+    # Held by every connection: slots, no per-instance dict.
+    assert not hasattr(ANONYMOUS, "__dict__")
+
+
+# --- expiry and renewal (the auth event) ----------------------------------------------------------
+
+
+def test_expires_is_exp_plus_the_expiration_leeway(rsa_key: rsa.RSAPrivateKey) -> None:
+    exp = int(time.time()) + 600
+    token = bearer(sign(rsa_key, "RS256", exp=exp))
+    key = env_key(rsa_key.public_key())
+    assert Authenticator(key).authenticate(token).expires == exp
+    assert Authenticator(key, default_leeway=30).authenticate(token).expires == exp + 30
+    # The exp leeway replaces the default one; the others do not count.
+    specific = Authenticator(key, default_leeway=30, expiration_leeway=5, issued_at_leeway=90)
+    assert specific.authenticate(token).expires == exp + 5
+
+
+def test_expires_keeps_a_fractional_exp(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
+    exp = time.time() + 600.25
+    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", exp=exp))).expires == exp
+
+
+def test_a_token_without_exp_never_expires(
+    rs256: Authenticator, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    assert rs256.authenticate(bearer(sign(rsa_key, "RS256", exp=None))).expires is None
+    assert ANONYMOUS.expires is None
+
+
+def test_verify_takes_the_bare_token_with_the_same_checks(
+    rs256: Authenticator, rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = sign(rsa_key, "RS256")
+    assert rs256.verify(token) == rs256.authenticate(bearer(token))
+    cases = [
+        ("", "missing bearer token"),
+        (bearer(token), "malformed token"),  # the header form is not a token
+        ("é" + token, "malformed token"),
+        (sign(other_rsa_key, "RS256"), "invalid signature"),
+        (sign(rsa_key, "RS256", exp=int(time.time()) - 30), "token expired"),
+        (unsigned(), "algorithm not allowed"),
+    ]
+    for candidate, reason in cases:
+        with pytest.raises(AuthError) as info:
+            rs256.verify(candidate)
+        assert info.value.reason == reason, candidate
+    with pytest.raises(AuthError) as info:
+        Authenticator(None).verify(token)
+    assert info.value.reason == "authentication is not configured"
+
+
+def renewal_refused(authenticator: Authenticator, current: Auth, token: str) -> str:
+    with pytest.raises(AuthError) as info:
+        authenticator.renew(current, token)
+    return info.value.reason
+
+
+def test_renew_with_a_later_token(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
+    now = int(time.time())
+    current = rs256.authenticate(bearer(sign(rsa_key, "RS256", exp=now + 60)))
+    renewed = rs256.renew(current, sign(rsa_key, "RS256", exp=now + 3600))
+    assert renewed == Auth(uid="IDABC0000001", role="admin", expires=now + 3600)
+
+
+def test_renew_refusals(
+    rs256: Authenticator, rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    now = int(time.time())
+    current = Auth(uid="IDABC0000001", role="admin", expires=now + 60)
+    later = now + 3600
+    cases = [
+        (sign(other_rsa_key, "RS256", exp=later), "invalid signature"),
+        (sign(rsa_key, "RS256", exp=now - 30), "token expired"),
+        (
+            sign(rsa_key, "RS256", uid="IDOTHER00001", exp=later),
+            "uid does not match the connection",
+        ),
+        (sign(rsa_key, "RS256", uid=None, exp=later), "uid does not match the connection"),
+        (
+            sign(rsa_key, "RS256", role="superadmin", exp=later),
+            "role does not match the connection",
+        ),
+        (sign(rsa_key, "RS256", exp=now + 60), "token does not expire later than the current one"),
+        (sign(rsa_key, "RS256", exp=now + 30), "token does not expire later than the current one"),
+        # No exp would make the connection last forever: a fresh connection is the way to that.
+        (sign(rsa_key, "RS256", exp=None), "missing exp claim"),
+    ]
+    for token, reason in cases:
+        assert renewal_refused(rs256, current, token) == reason, reason
+
+
+def test_renewal_of_a_token_without_exp(rs256: Authenticator, rsa_key: rsa.RSAPrivateKey) -> None:
+    current = Auth(uid="IDABC0000001", role="admin")
+    # Another token that never expires changes nothing, and is accepted.
+    assert rs256.renew(current, sign(rsa_key, "RS256", exp=None)) == current
+    # One that expires would end a connection that was not going to end.
+    token = sign(rsa_key, "RS256", exp=int(time.time()) + 3600)
+    assert renewal_refused(rs256, current, token) == (
+        "token does not expire later than the current one"
+    )
+
+
+def test_an_anonymous_connection_gains_nothing_by_renewal(
+    rs256: Authenticator, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    later = int(time.time()) + 3600
+    for token in (sign(rsa_key, "RS256", exp=later), sign(rsa_key, "RS256", uid=None, exp=None)):
+        assert renewal_refused(rs256, ANONYMOUS, token).endswith("does not match the connection")
 
 
 # --- error reasons never carry the token ----------------------------------------------------------

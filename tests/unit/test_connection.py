@@ -17,9 +17,9 @@ import gevent
 import gevent.socket
 import pytest
 
-from ranger_py.auth import ANONYMOUS, Auth
+from ranger_py.auth import ANONYMOUS, Auth, Authenticator
 from ranger_py.clients import Clients, Limits
-from ranger_py.connection import Connection
+from ranger_py.connection import Connection, Tokens
 from ranger_py.handshake import switching_protocols
 from ranger_py.router import Delivery, Router
 from ranger_py.websocket import State
@@ -42,6 +42,12 @@ class Counts:
         self.closed.append(authenticated)
 
     def slow_client(self) -> None:
+        pass
+
+    def auth_failure(self, reason: str) -> None:
+        pass
+
+    def token_expired(self) -> None:
         pass
 
 
@@ -90,6 +96,8 @@ class Worker:
                 path=path,
                 router=self.router,
                 metrics=self.metrics,
+                # Tokens are not what these tests are about: test_token_expiry covers them.
+                tokens=Tokens(Authenticator(None), None),
             )
 
         conn = self.clients.attach(server.detach(), GREETING, make)

@@ -8,7 +8,9 @@ import pytest
 
 from ranger_py import errors, protocol
 from ranger_py.protocol import (
+    AUTHENTICATED,
     PONG,
+    AuthRequest,
     Request,
     StreamKind,
     cannot_subscribe_reply,
@@ -56,6 +58,7 @@ def test_parse_unsubscribe_with_empty_list() -> None:
 
 def test_parse_skips_empty_names_and_collapses_duplicates_keeping_first_order() -> None:
     request = parse_request('{"event":"subscribe","streams":["b","","a","b","a"]}')
+    assert isinstance(request, Request)
     assert request.streams == ("b", "a")
 
 
@@ -135,6 +138,53 @@ def test_streams_not_strings(streams: str) -> None:
 def test_event_is_checked_before_streams() -> None:
     with pytest.raises(errors.InvalidEvent):
         parse_request('{"event":"nope"}')
+
+
+# -- the auth event (PROTOCOL §3) ------------------------------------------------------------
+
+
+def test_parse_auth() -> None:
+    request = parse_request('{"event":"auth","token":"eyJ.abc.def","streams":["x.y"]}')
+    assert request == AuthRequest("eyJ.abc.def")
+
+
+def test_auth_request_never_shows_its_token() -> None:
+    assert "secret" not in repr(AuthRequest("secret.token.value"))
+
+
+@pytest.mark.parametrize(
+    "text", ['{"event":"auth"}', '{"event":"auth","token":null}', '{"event":"auth","token":""}']
+)
+def test_auth_without_token(text: str) -> None:
+    with pytest.raises(errors.NoToken) as caught:
+        parse_request(text)
+    assert caught.value.reply == b'{"error":"No token provided"}'
+
+
+@pytest.mark.parametrize("token", ["1", "true", "[]", '["a.b.c"]', '{"token":"a.b.c"}'])
+def test_auth_token_not_a_string(token: str) -> None:
+    with pytest.raises(errors.TokenNotString) as caught:
+        parse_request(f'{{"event":"auth","token":{token}}}')
+    assert caught.value.reply == b'{"error":"Token must be a string"}'
+
+
+@pytest.mark.parametrize("text", ['{"event":"Auth","token":"a.b.c"}', '{"token":"a.b.c"}'])
+def test_auth_event_name_is_exact(text: str) -> None:
+    with pytest.raises(errors.InvalidEvent):
+        parse_request(text)
+
+
+def test_authenticated_reply() -> None:
+    assert AUTHENTICATED == b'{"success":{"message":"authenticated"}}'
+    assert json.loads(AUTHENTICATED) == {"success": {"message": "authenticated"}}
+
+
+def test_token_refused_reply_reads_like_the_401_body() -> None:
+    refused = errors.TokenRefused("invalid signature")
+    assert refused.reply == b'{"error":"Authorization failed: invalid signature"}'
+    assert (
+        refused.reply == errors.HandshakeError(401, "Authorization failed: invalid signature").body
+    )
 
 
 # -- streams_from_query (Rango TestParseStreamsFromURI, on the query string part) --------------

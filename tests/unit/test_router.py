@@ -14,7 +14,7 @@ import pytest
 
 from ranger_py import errors
 from ranger_py.auth import Auth
-from ranger_py.protocol import StreamKind, parse_request
+from ranger_py.protocol import Request, StreamKind, parse_request
 from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Delivery, Dropped, Resync, Router
 from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
 
@@ -731,6 +731,7 @@ def test_subscribe_message_then_stream() -> None:
     client = Client()
     assert router.subscribe(client, []) == [subscribed()]
     request = parse_request('{"event":"subscribe","streams":["btcusd.order"]}')
+    assert isinstance(request, Request)
     assert router.subscribe(client, request.streams) == [subscribed("btcusd.order")]
     for n in (1, 2, 3):
         publish(router, "public.btcusd.order", f'{{"key":"btcusd_order_{n}"}}')
@@ -742,6 +743,7 @@ def test_unsubscribe_stops_delivery() -> None:
     client = Client()
     router.subscribe(client, ["btcusd.order"])
     request = parse_request('{"event":"unsubscribe","streams":["btcusd.order"]}')
+    assert isinstance(request, Request)
     assert router.unsubscribe(client, request.streams) == unsubscribed()
     result = publish(router, "public.btcusd.order", "{}")
     assert isinstance(result, Delivery)
