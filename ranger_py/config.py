@@ -531,6 +531,20 @@ class Config:
     queue_max_length: int = _setting(
         "RANGER_QUEUE_MAX_LENGTH", 100000, _COUNT, "x-max-length of each worker's broker queue"
     )
+    compression: bool = _setting(
+        "RANGER_COMPRESSION",
+        True,
+        _Switch(),
+        "answer a client's permessage-deflate offer (RFC 7692), without context takeover: each"
+        " message is compressed once, whatever the number of recipients",
+    )
+    compression_threshold: int = _setting(
+        "RANGER_COMPRESSION_THRESHOLD",
+        1024,
+        _Integer(0),
+        "bytes; a message shorter than this goes out uncompressed even to a client that"
+        " negotiated compression",
+    )
     demo: bool = _setting(
         "RANGER_DEMO",
         False,

@@ -57,6 +57,8 @@ DEFAULTS: dict[str, object] = {
     "handshake_timeout": 5,
     "broker_heartbeat": 4,
     "queue_max_length": 100000,
+    "compression": True,
+    "compression_threshold": 1024,
     "demo": False,
 }
 
@@ -152,6 +154,8 @@ ACCEPTED = [
     ("RANGER_MAX_CONNECTIONS", "2", "max_connections", 2),
     ("RANGER_QUEUE_MAX_LENGTH", "10", "queue_max_length", 10),
     ("RANGER_QUEUE_MAX_LENGTH", "1", "queue_max_length", 1),
+    ("RANGER_COMPRESSION", "off", "compression", False),
+    ("RANGER_COMPRESSION_THRESHOLD", "0", "compression_threshold", 0),
     ("RANGER_BROKER_HEARTBEAT", "3", "broker_heartbeat", 3),
     ("RANGER_BROKER_HEARTBEAT", "600", "broker_heartbeat", 600),
 ]
@@ -231,6 +235,8 @@ REJECTED = [
     ("RANGER_QUEUE_MAX_LENGTH", "-10", "is not an integer >= 1"),
     ("RANGER_QUEUE_MAX_LENGTH", "0", '"0" is not an integer >= 1'),
     ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
+    ("RANGER_COMPRESSION", "deflate", '"deflate" is not one of on, off, true, false, 1 or 0'),
+    ("RANGER_COMPRESSION_THRESHOLD", "-1", '"-1" is not an integer >= 0'),
 ]
 
 
