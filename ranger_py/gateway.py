@@ -62,6 +62,7 @@ class Gateway:
             self.metrics,
             every=yield_every(config.send_queue_size),
             pause=yield_to_loop,
+            compress_from=config.compression_threshold if config.compression else None,
         )
         # RANGER_DEMO: the same consumer, reading a synthetic feed from kombu's in-memory
         # transport instead of RabbitMQ.
@@ -92,11 +93,19 @@ class Gateway:
         return self.consumer.status
 
     def attach(
-        self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
+        self,
+        fd: int,
+        greeting: bytes,
+        auth: Auth,
+        path: str,
+        streams: list[str],
+        *,
+        window_bits: int = 0,
     ) -> Connection:
-        """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response."""
+        """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response,
+        ``window_bits`` the permessage-deflate window it accepted (0: none)."""
         make = partial(Connection, auth=auth, path=path, router=self.router, metrics=self.metrics)
-        conn = self.clients.attach(fd, greeting, make)
+        conn = self.clients.attach(fd, greeting, make, window_bits=window_bits)
         conn.open(streams)
         return conn
 
