@@ -210,7 +210,11 @@ class FrameReader:
                     yield event
         except ParseFailed as exc:
             self._fail()
-            raise CloseConnection(CloseCode(int(exc.code)), str(exc)[:100]) from exc
+            code = CloseCode(int(exc.code))
+            # An inflated message over the limit is reported by the extension, as wsproto's
+            # generic "error in extension": say what it is, as for a plain message.
+            reason = "message too big" if code is CloseCode.MESSAGE_TOO_BIG else str(exc)[:100]
+            raise CloseConnection(code, reason) from exc
         except CloseConnection:
             self._fail()
             raise

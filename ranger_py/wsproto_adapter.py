@@ -35,9 +35,12 @@ from wsproto.utilities import generate_accept_token
 
 __all__ = [
     "BoundedInflate",
+    "CloseReason",
+    "Extension",
     "FrameProtocol",
     "Opcode",
     "ParseFailed",
+    "RsvBits",
     "accept_token",
     "new_parser",
     "parser_idle",

@@ -17,9 +17,9 @@ from typing import Any
 from ranger_py import gunicorn_adapter
 from ranger_py.app import HANDED_OVER
 from ranger_py.clients import Clients, Limits
+from ranger_py.compression import negotiate
 from ranger_py.config import Config
 from ranger_py.errors import CloseCode, HandshakeError
-from ranger_py.compression import negotiate
 from ranger_py.frames import (
     encode_binary,
     encode_binary_deflated,
