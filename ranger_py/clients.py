@@ -98,6 +98,9 @@ class Clients:
         # Half a frame of slack, so float rounding never refuses the last frame of a burst.
         self.message_window = (limits.client_burst + 0.5) / limits.client_rate
         self.compress_from = limits.compression_threshold
+        # Open websockets that negotiated permessage-deflate: while there are none, the fan-out
+        # keeps to its plain loop even for long payloads.
+        self.deflating = 0
         self.deflated = DeflatedFrames(_DEFLATED_BUDGET)
 
     def __len__(self) -> int:
@@ -125,6 +128,8 @@ class Clients:
         """
         ws = make(self, self._socket(fd), next(self._ids))
         ws.deflate = window_bits
+        if window_bits:
+            self.deflating += 1
         self.connections.add(ws)
         ws.queue(greeting)
         return ws
@@ -142,6 +147,8 @@ class Clients:
     def closed(self, ws: WebSocket, reason: str) -> None:
         """Called once by a websocket when its socket is gone."""
         self.connections.discard(ws)
+        if ws.deflate:
+            self.deflating -= 1
 
     def slow(self, ws: WebSocket) -> None:
         self._metrics.slow_client()

@@ -9,7 +9,8 @@ router's sets can be iterated as they are.
 With permessage-deflate, a payload of at least ``compress_from`` bytes is also compressed, once,
 the first time a recipient that negotiated compression comes up (once per window size in use,
 normally one): compression keeps no context between messages, so one compressed frame serves
-every such client. Smaller payloads take the plain loop, with no test per recipient.
+every such client. Smaller payloads, and every payload while no client of the worker negotiated
+compression, take the plain loop, with no test per recipient.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ class Fanout:
         every: int,
         pause: Callable[[], None],
         compress_from: int | None = None,
+        deflating: Callable[[], int] = lambda: 0,
     ) -> None:
         self._route = router.route
         # None: compression is off, and no payload is ever long enough.
         self._compress_from = sys.maxsize if compress_from is None else compress_from
+        self._deflating = deflating  # how many clients negotiated compression
         self._request_flush = request_flush
         self._metrics = metrics
         self._every = every
@@ -79,7 +82,7 @@ class Fanout:
                 start = perf_counter()
                 payload = outcome.payload
                 frame = encode_text(payload)  # once, whatever the number of recipients
-                if len(payload) < self._compress_from:
+                if len(payload) < self._compress_from or not self._deflating():
                     for ws in recipients:
                         ws.queue(frame)  # type: ignore[attr-defined]
                 else:

@@ -63,6 +63,7 @@ class Gateway:
             every=yield_every(config.send_queue_size),
             pause=yield_to_loop,
             compress_from=config.compression_threshold if config.compression else None,
+            deflating=lambda: self.clients.deflating,
         )
         # RANGER_DEMO: the same consumer, reading a synthetic feed from kombu's in-memory
         # transport instead of RabbitMQ.

@@ -33,12 +33,22 @@ class Recipient:
         self.frames.append(frame)
 
 
-def fanout(recipients: list[Recipient], compress_from: int | None) -> Fanout:
+def fanout(
+    recipients: list[Recipient], compress_from: int | None, deflating: int | None = None
+) -> Fanout:
     router = Router({}, max_streams=10, max_increments=10, on_change=lambda *_: None)
     for recipient in recipients:
         router.subscribe(recipient, ["btcusd.trades"])
+    # As Clients counts them, unless the test says otherwise.
+    count = sum(bool(r.deflate) for r in recipients) if deflating is None else deflating
     return Fanout(
-        router, lambda: None, Metrics(), every=64, pause=lambda: None, compress_from=compress_from
+        router,
+        lambda: None,
+        Metrics(),
+        every=64,
+        pause=lambda: None,
+        compress_from=compress_from,
+        deflating=lambda: count,
     )
 
 
@@ -83,6 +93,21 @@ def test_at_the_threshold_it_is_compressed() -> None:
     recipient = Recipient(15)
     fanout([recipient], compress_from=len(PAYLOAD)).on_broker_message("public.btcusd.trades", BODY)
     assert inflated(recipient.frames[0]) == PAYLOAD
+
+
+def test_while_no_client_negotiated_compression_the_plain_loop_asks_nothing() -> None:
+    class Plain(Recipient):
+        @property
+        def deflate(self) -> int:
+            raise AssertionError("the plain loop must not look at a recipient's window")
+
+        @deflate.setter
+        def deflate(self, value: int) -> None:
+            pass
+
+    recipients: list[Recipient] = [Plain(), Plain()]
+    fanout(recipients, compress_from=0, deflating=0).on_broker_message("public.btcusd.trades", BODY)
+    assert recipients[0].frames == [encode_text(PAYLOAD)]
 
 
 def test_compression_off_never_compresses() -> None:

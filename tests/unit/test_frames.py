@@ -236,7 +236,7 @@ def test_reader_inflates_a_fragmented_message_with_a_ping_between() -> None:
         + client_frame(0x0, body[5:9], fin=False)
         + client_frame(0x0, body[9:])
     )
-    events = []
+    events: list[object] = []
     for i in range(len(data)):  # byte by byte: the decompressor lives across feeds
         events += reader.feed(data[i : i + 1])
         if i < len(data) - 1:

@@ -370,6 +370,9 @@ def test_a_client_that_negotiated_deflate_is_inflated_and_answered_compressed(
     assert [(op, rsv1) for op, _, rsv1 in replay] == [(0x1, True), (0x1, False), (0x1, True)]
     assert [inflate(replay[0][1]), replay[1][1], inflate(replay[2][1])] == [big, b"small", big]
     assert len(owner.clients.deflated) == 1  # the replayed payload, compressed once
+    assert owner.clients.deflating == 1
+    ws.abort("test over")
+    assert owner.clients.deflating == 0
 
 
 def test_a_plain_client_sending_rsv1_is_closed_with_1002(pair: tuple[Owner, Any, Peer]) -> None:
