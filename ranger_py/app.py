@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ranger_py import gunicorn_adapter
 from ranger_py.auth import ANONYMOUS, Auth, Authenticator
+from ranger_py.compression import negotiate
 from ranger_py.config import Config
 from ranger_py.errors import AuthError, HandshakeError
 from ranger_py.handshake import accept_key, check_origin, is_upgrade, switching_protocols
@@ -55,7 +56,14 @@ class Backend(Protocol):
     def status(self) -> str: ...  # why not, for /readyz
 
     def attach(
-        self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
+        self,
+        fd: int,
+        greeting: bytes,
+        auth: Auth,
+        path: str,
+        streams: list[str],
+        *,
+        window_bits: int = 0,
     ) -> object: ...
 
     def auth_failed(self, reason: str) -> None: ...
@@ -147,11 +155,19 @@ class App:
             raise HandshakeError(503, "too many connections")
         auth = self._authenticate(path, environ.get("HTTP_AUTHORIZATION"))
         streams = streams_from_query(environ.get("QUERY_STRING", ""))
+        # PROTOCOL §2: permessage-deflate when offered, on terms that keep no state per client.
+        deflate = (
+            negotiate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS"))
+            if self.config.compression
+            else None
+        )
+        greeting = switching_protocols(accept, deflate.response if deflate else None)
 
         # gunicorn's socket object lets go; the fd is the gateway's now. The 101 goes out in the
         # same send as the first frames (one syscall, no gevent wrapper on the way).
         fd = gunicorn_adapter.detach_socket(environ)
-        self.backend.attach(fd, switching_protocols(accept), auth, path, streams)
+        window_bits = deflate.window_bits if deflate else 0
+        self.backend.attach(fd, greeting, auth, path, streams, window_bits=window_bits)
         return HANDED_OVER
 
     def _authenticate(self, path: str, header: str | None) -> Auth:

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 from gevent.monkey import get_original
 
 from ranger_py.config import Config
+from ranger_py.frames import DeflatedFrames
 from ranger_py.gevent_adapter import callback_scheduler
 from ranger_py.websocket import State, WebSocket
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 _RawSocket: type[socket.socket] = get_original("socket", "socket")
 
 W = TypeVar("W", bound=WebSocket)
+
+# Bytes of compressed replay frames (and their payloads) a worker keeps: a few order books.
+_DEFLATED_BUDGET = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,7 @@ class Limits:
     ping_interval: float = 54.0
     pong_timeout: float = 60.0
     write_timeout: float = 10.0
+    compression_threshold: int = 1024
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -68,6 +73,7 @@ class Limits:
             ping_interval=config.ping_interval,
             pong_timeout=config.pong_timeout,
             write_timeout=config.write_timeout,
+            compression_threshold=config.compression_threshold,
         )
 
 
@@ -167,6 +173,11 @@ class Clients:
         self.message_interval = 1.0 / limits.client_rate
         # Half a frame of slack, so float rounding never refuses the last frame of a burst.
         self.message_window = (limits.client_burst + 0.5) / limits.client_rate
+        self.compress_from = limits.compression_threshold
+        # Open websockets that negotiated permessage-deflate: while there are none, the fan-out
+        # keeps to its plain loop even for long payloads.
+        self.deflating = 0
+        self.deflated = DeflatedFrames(_DEFLATED_BUDGET)
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -178,14 +189,23 @@ class Clients:
     # -- sockets in and out ------------------------------------------------------------------
 
     def attach(
-        self, fd: int, greeting: bytes, make: Callable[[Clients, socket.socket, int], W]
+        self,
+        fd: int,
+        greeting: bytes,
+        make: Callable[[Clients, socket.socket, int], W],
+        *,
+        window_bits: int = 0,
     ) -> W:
         """Take over an upgraded socket: ``make`` builds its websocket, which is registered.
 
         ``greeting`` (the 101 response) is queued first and not flushed: the caller adds the
-        first frames so that they leave in the same ``send``, then flushes.
+        first frames so that they leave in the same ``send``, then flushes. ``window_bits`` is
+        the permessage-deflate window the greeting accepted (0: none).
         """
         ws = make(self, self._socket(fd), next(self._ids))
+        ws.deflate = window_bits
+        if window_bits:
+            self.deflating += 1
         self.connections.add(ws)
         ws.queue(greeting)
         return ws
@@ -204,6 +224,8 @@ class Clients:
         """Called once by a websocket when its socket is gone."""
         self.connections.discard(ws)
         self.deadlines.discard(ws.id)
+        if ws.deflate:
+            self.deflating -= 1
 
     def slow(self, ws: WebSocket) -> None:
         self._metrics.slow_client()

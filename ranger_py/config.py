@@ -553,6 +553,20 @@ class Config:
         _Integer(1, 65535),
         "broker messages a worker holds unacknowledged (acknowledged in batches after fan-out)",
     )
+    compression: bool = _setting(
+        "RANGER_COMPRESSION",
+        True,
+        _Switch(),
+        "answer a client's permessage-deflate offer (RFC 7692), without context takeover: each"
+        " message is compressed once, whatever the number of recipients",
+    )
+    compression_threshold: int = _setting(
+        "RANGER_COMPRESSION_THRESHOLD",
+        1024,
+        _Integer(0),
+        "bytes; a message shorter than this goes out uncompressed even to a client that"
+        " negotiated compression",
+    )
     demo: bool = _setting(
         "RANGER_DEMO",
         False,

@@ -5,15 +5,22 @@ is encoded once, whatever the number of recipients, and appended to each recipie
 the registry flushes them all on the loop's next turn, each socket's frames joined into one
 ``send``. The loop over recipients never waits on a client and never switches greenlets, so the
 router's sets can be iterated as they are.
+
+With permessage-deflate, a payload of at least ``compress_from`` bytes is also compressed, once,
+the first time a recipient that negotiated compression comes up (once per window size in use,
+normally one): compression keeps no context between messages, so one compressed frame serves
+every such client. Smaller payloads, and every payload while no client of the worker negotiated
+compression, take the plain loop, with no test per recipient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Collection
 from time import perf_counter
 from typing import Protocol
 
-from ranger_py.frames import encode_text
+from ranger_py.frames import encode_text, encode_text_deflated
 from ranger_py.router import Delivery, Dropped, Resync, Router
 
 __all__ = ["Fanout", "FanoutMetrics", "yield_every"]
@@ -55,8 +62,13 @@ class Fanout:
         *,
         every: int,
         pause: Callable[[], None],
+        compress_from: int | None = None,
+        deflating: Callable[[], int] = lambda: 0,
     ) -> None:
         self._route = router.route
+        # None: compression is off, and no payload is ever long enough.
+        self._compress_from = sys.maxsize if compress_from is None else compress_from
+        self._deflating = deflating  # how many clients negotiated compression
         self._request_flush = request_flush
         self._metrics = metrics
         self._every = every
@@ -73,9 +85,13 @@ class Fanout:
         recipients = outcome.recipients
         if recipients:
             start = perf_counter()
-            frame = encode_text(outcome.payload)  # once, whatever the number of recipients
-            for ws in recipients:
-                ws.queue(frame)  # type: ignore[attr-defined]
+            payload = outcome.payload
+            frame = encode_text(payload)  # once, whatever the number of recipients
+            if len(payload) < self._compress_from or not self._deflating():
+                for ws in recipients:
+                    ws.queue(frame)  # type: ignore[attr-defined]
+            else:
+                _queue_either(recipients, payload, frame)
             metrics.delivered += len(recipients)
             metrics.observe_fanout(perf_counter() - start)
             self._request_flush()
@@ -95,3 +111,20 @@ class Fanout:
             reason = outcome.reason
             metrics.resyncs[reason] = metrics.resyncs.get(reason, 0) + 1
         return outcome
+
+
+def _queue_either(recipients: Collection[object], payload: bytes, frame: bytes) -> None:
+    """Queue the compressed frame to the clients that negotiated it, ``frame`` to the others.
+
+    Each compressed frame is built when its window size first comes up, then shared.
+    """
+    deflated: dict[int, bytes] = {}
+    for ws in recipients:
+        bits = ws.deflate  # type: ignore[attr-defined]
+        if bits:
+            compressed = deflated.get(bits)
+            if compressed is None:
+                compressed = deflated[bits] = encode_text_deflated(payload, bits)
+            ws.queue(compressed)  # type: ignore[attr-defined]
+        else:
+            ws.queue(frame)  # type: ignore[attr-defined]

@@ -65,6 +65,8 @@ class Gateway:
             self.metrics,
             every=yield_every(config.send_queue_size),
             pause=yield_to_loop,
+            compress_from=config.compression_threshold if config.compression else None,
+            deflating=lambda: self.clients.deflating,
         )
         # RANGER_DEMO: the same consumer, reading a synthetic feed from kombu's in-memory
         # transport instead of RabbitMQ.
@@ -95,9 +97,17 @@ class Gateway:
         return self.consumer.status
 
     def attach(
-        self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]
+        self,
+        fd: int,
+        greeting: bytes,
+        auth: Auth,
+        path: str,
+        streams: list[str],
+        *,
+        window_bits: int = 0,
     ) -> Connection:
-        """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response."""
+        """Take over an upgraded socket as a gateway client; ``greeting`` is the 101 response,
+        ``window_bits`` the permessage-deflate window it accepted (0: none)."""
         make = partial(
             Connection,
             auth=auth,
@@ -106,7 +116,7 @@ class Gateway:
             metrics=self.metrics,
             tokens=self.tokens,
         )
-        conn = self.clients.attach(fd, greeting, make)
+        conn = self.clients.attach(fd, greeting, make, window_bits=window_bits)
         conn.open(streams)
         return conn
 

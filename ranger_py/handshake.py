@@ -69,11 +69,15 @@ def check_origin(allowed: tuple[str, ...] | None, origin: str | None, host: str)
         raise HandshakeError(403, "Origin not allowed")
 
 
-def switching_protocols(accept: bytes) -> bytes:
-    """The 101 response that completes the handshake."""
-    return (
+def switching_protocols(accept: bytes, extensions: str | None = None) -> bytes:
+    """The 101 response that completes the handshake, with the accepted extensions if any
+    (ranger_py.compression's answer, ASCII by construction)."""
+    head = (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"
         b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n"
     )
+    if extensions:
+        head += b"Sec-WebSocket-Extensions: " + extensions.encode("ascii") + b"\r\n"
+    return head + b"\r\n"

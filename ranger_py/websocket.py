@@ -31,12 +31,14 @@ from ranger_py.errors import CloseCode, CloseConnection
 from ranger_py.frames import (
     PING,
     Close,
+    DeflatedFrames,
     FrameReader,
     Message,
     Ping,
     encode_close,
     encode_pong,
     encode_text,
+    encode_text_deflated,
 )
 from ranger_py.gevent_adapter import Watcher, close_watcher, read_watcher, write_watcher
 
@@ -66,6 +68,8 @@ class Owner(Protocol):
     max_queue_bytes: int  # outbound bytes queued per client (close 1008 past it)
     message_interval: float  # seconds of budget one inbound frame costs (1 / rate)
     message_window: float  # the burst: seconds of budget a client may run ahead
+    compress_from: int  # payloads from this many bytes are compressed, where negotiated
+    deflated: DeflatedFrames  # compressed replay frames, shared by the owner's sockets
 
     def request_flush(self) -> None: ...
 
@@ -91,6 +95,7 @@ class WebSocket:
         "_tat",
         "_write_watcher",
         "close_note",
+        "deflate",
         "id",
         "last_ping",
         "last_seen",
@@ -109,6 +114,9 @@ class WebSocket:
         self.id = conn_id
         self.state = State.OPEN
         self.close_note = ""  # the close frame we sent or answered, for the log line
+        # permessage-deflate: the window bits of this client's compressed frames, 0 when it
+        # negotiated none (the owner sets it before the first frame). One int, no zlib state.
+        self.deflate = 0
         # Made on the first bytes and dropped whenever idle: most clients send a subscribe now
         # and then, and a parser kept per connection would double an idle connection's memory.
         self._reader: FrameReader | None = None
@@ -150,7 +158,7 @@ class WebSocket:
         owner = self._owner
         reader = self._reader
         if reader is None:
-            reader = self._reader = FrameReader(owner.max_message_size)
+            reader = self._reader = FrameReader(owner.max_message_size, inflate=bool(self.deflate))
         try:
             for event in reader.feed(data):
                 if self.state is State.CLOSED:
@@ -219,15 +227,38 @@ class WebSocket:
         self._queued = queued
 
     def send(self, payload: bytes) -> None:
-        """Queue one text message built for this client only, and get it flushed soon."""
-        self.queue(encode_text(payload))
+        """Queue one text message built for this client only, and get it flushed soon.
+
+        Compressed when this client negotiated it and the payload reaches the threshold.
+        """
+        bits = self.deflate
+        if bits and len(payload) >= self._owner.compress_from:
+            self.queue(encode_text_deflated(payload, bits))
+        else:
+            self.queue(encode_text(payload))
         self._owner.request_flush()
 
     def send_many(self, payloads: list[bytes]) -> None:
-        """Queue several text messages as one entry: an order-book replay is one queue slot."""
-        if payloads:
+        """Queue several text messages as one entry: an order-book replay is one queue slot.
+
+        Compressed frames come from the owner's cache: the same snapshot and increments are
+        replayed to every late subscriber, and each is compressed once.
+        """
+        if not payloads:
+            return
+        bits = self.deflate
+        if bits:
+            owner = self._owner
+            threshold = owner.compress_from
+            frame = owner.deflated.frame
+            self.queue(
+                b"".join(
+                    frame(p, bits) if len(p) >= threshold else encode_text(p) for p in payloads
+                )
+            )
+        else:
             self.queue(b"".join(encode_text(p) for p in payloads))
-            self._owner.request_flush()
+        self._owner.request_flush()
 
     def flush(self) -> None:
         """Write whatever is pending in one ``send``; park the rest behind a write watcher.

@@ -70,6 +70,8 @@ class RawSocket:
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         head = self._read_until(b"\r\n\r\n", time.monotonic() + timeout)
         self.status = int(head.split(b" ", 2)[1])
+        self.head = head.decode("latin-1")  # the response's status line and headers
+        self.rsv1 = False  # of the last frame read: permessage-deflate's "compressed" bit
 
     def _read_until(self, marker: bytes, deadline: float) -> bytes:
         while marker not in self.buffer:
@@ -93,6 +95,7 @@ class RawSocket:
         while len(self.buffer) < 2:
             self._fill(deadline)
         opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+        self.rsv1 = bool(self.buffer[0] & 0x40)
         offset = 2
         if length >= 126:
             offset = 4 if length == 126 else 10

@@ -140,8 +140,10 @@ def test_browser_websocket_receives_a_trade(
     browser.navigate(page_server.url)
     assert _wait_received(browser, 1, "the subscribed reply") == [subscribed(stream)]
     # Chromium offers "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits" on
-    # its own; the server answers with no extension, so the browser reports none.
-    assert browser.evaluate("window.ws.extensions") == ""
+    # its own; the server accepts it without context takeover (PROTOCOL §2).
+    assert browser.evaluate("window.ws.extensions") == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
     assert browser.evaluate("window.ws.protocol") == ""
 
     body = '{"trades":[{"tid":7,"taker_type":"sell","date":1700000000,"price":"2.5","amount":"4"}]}'
@@ -155,4 +157,11 @@ def test_browser_websocket_receives_a_trade(
     )
     assert shown == [subscribed(stream), trade]
     assert trade in browser.evaluate("document.body.innerText")
+
+    # Over RANGER_COMPRESSION_THRESHOLD: sent compressed, inflated by the browser.
+    big = '{"trades":[' + ",".join(f'{{"tid":{i},"price":"2.5"}}' for i in range(100)) + "]}"
+    server.publish(f"public.{stream}", big)
+    big_trade = f'{{"{stream}":{big}}}'
+    assert len(big_trade) > 1024
+    assert _wait_received(browser, 3, "the large trade")[2] == big_trade
     assert browser.evaluate("window.events") == ["open"]

@@ -1,4 +1,4 @@
-"""RFC 6455 conformance (PROTOCOL §2): kosoku's categories 1-7 and 9 against the echo app."""
+"""RFC 6455 and RFC 7692 conformance (PROTOCOL §2): kosoku's CATEGORIES against the echo app."""
 
 from __future__ import annotations
 

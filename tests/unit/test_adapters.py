@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -179,6 +180,81 @@ def test_wsproto_accept_token_gives_the_rfc_example_answer() -> None:
         # RFC 6455 §1.3's sample key and answer.
         token = wsproto_adapter.accept_token(b"dGhlIHNhbXBsZSBub25jZQ==")
         assert token == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+class _Recording(wsproto_adapter.Extension):
+    """An extension that records each hook call and transforms nothing but what it is told."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False
+
+    def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any, length: int) -> Any:
+        self.calls.append(("header", opcode, rsv.rsv1, length))
+        if opcode is Opcode.PONG:
+            return wsproto_adapter.CloseReason.MESSAGE_TOO_BIG
+        return wsproto_adapter.RsvBits(True, False, False)
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes:
+        self.calls.append(("data", data))
+        return data.upper()
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | None:
+        self.calls.append(("complete", fin))
+        return b"!" if fin else None
+
+
+def test_wsproto_extension_hooks_run_per_frame_as_bounded_inflate_expects() -> None:
+    what = "Extension hooks: header per frame, unmasked payload chunks, completion appended"
+    with wsproto_relies(what):
+        extension = _Recording()
+        parser = wsproto_adapter.FrameProtocol(client=False, extensions=[extension])
+        first = client_frame(0x1, b"ab", fin=False)
+        rsv1_first = bytes((first[0] | 0x40,)) + first[1:]  # RSV1, allowed by the header hook
+        # A control frame between the fragments.
+        parser.receive_bytes(rsv1_first + client_frame(0x9, b"p") + client_frame(0x0, b"cd"))
+        got = [(f.opcode, f.payload, f.message_finished) for f in parser.received_frames()]
+        # Each frame's payload is replaced by the hooks' output before the message decoder
+        # reads it as UTF-8; the completion's bytes are appended to the frame that ends.
+        assert got == [
+            (Opcode.TEXT, "AB", False),
+            (Opcode.PING, b"P!", True),
+            (Opcode.TEXT, "CD!", True),
+        ]
+        assert extension.calls == [
+            ("header", Opcode.TEXT, True, 2),
+            ("data", b"ab"),
+            ("complete", False),
+            ("header", Opcode.PING, False, 1),
+            ("data", b"p"),
+            ("complete", True),
+            ("header", Opcode.CONTINUATION, False, 2),
+            ("data", b"cd"),
+            ("complete", True),
+        ]
+        # A CloseReason from a hook fails the connection with that code.
+        parser.receive_bytes(client_frame(0xA, b""))
+        with pytest.raises(wsproto_adapter.ParseFailed) as info:
+            list(parser.received_frames())
+        assert int(info.value.code) == 1009
+
+
+def test_wsproto_bounded_inflate_reads_compressed_messages() -> None:
+    with wsproto_relies("FrameProtocol with the BoundedInflate extension"):
+        compressor = zlib.compressobj(wbits=-15)
+        body = (compressor.compress(b"hello") + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        frame = client_frame(0x1, body)
+        parser = wsproto_adapter.new_parser(inflate_limit=100)
+        parser.receive_bytes(bytes((frame[0] | 0x40,)) + frame[1:])
+        assert [f.payload for f in parser.received_frames()] == ["hello"]
+        assert wsproto_adapter.parser_idle(parser)
 
 
 # -- gevent ----------------------------------------------------------------------------------

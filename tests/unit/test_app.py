@@ -43,11 +43,22 @@ class Backend:
         self.ready = True
         self.status = "consuming"
         self.attached: list[tuple[int, bytes, Auth, str, list[str]]] = []
+        self.windows: list[int] = []  # the permessage-deflate window of each attach
         self.auth_failures: list[str] = []
         self.shutdowns: list[float] = []
 
-    def attach(self, fd: int, greeting: bytes, auth: Auth, path: str, streams: list[str]) -> object:
+    def attach(
+        self,
+        fd: int,
+        greeting: bytes,
+        auth: Auth,
+        path: str,
+        streams: list[str],
+        *,
+        window_bits: int = 0,
+    ) -> object:
         self.attached.append((fd, greeting, auth, path, streams))
+        self.windows.append(window_bits)
         os.close(fd)  # the socket is the backend's now
         return object()
 

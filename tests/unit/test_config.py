@@ -60,6 +60,8 @@ DEFAULTS: dict[str, object] = {
     "queue_max_length": 100000,
     "queue_expires": 60,
     "broker_prefetch": 1000,
+    "compression": True,
+    "compression_threshold": 1024,
     "demo": False,
 }
 
@@ -161,6 +163,8 @@ ACCEPTED = [
     ("RANGER_QUEUE_EXPIRES", "1", "queue_expires", 1),
     ("RANGER_QUEUE_EXPIRES", "86400", "queue_expires", 86400),
     ("RANGER_BROKER_PREFETCH", "1", "broker_prefetch", 1),
+    ("RANGER_COMPRESSION", "off", "compression", False),
+    ("RANGER_COMPRESSION_THRESHOLD", "0", "compression_threshold", 0),
     ("RANGER_BROKER_HEARTBEAT", "3", "broker_heartbeat", 3),
     ("RANGER_BROKER_HEARTBEAT", "600", "broker_heartbeat", 600),
 ]
@@ -245,6 +249,8 @@ REJECTED = [
     ("RANGER_BROKER_PREFETCH", "65536", "between 1 and 65535"),
     ("RANGER_QUEUE_MAX_LENGTH", "0", '"0" is not an integer >= 1'),
     ("RANGER_DEMO", "yes", '"yes" is not one of on, off, true, false, 1 or 0'),
+    ("RANGER_COMPRESSION", "deflate", '"deflate" is not one of on, off, true, false, 1 or 0'),
+    ("RANGER_COMPRESSION_THRESHOLD", "-1", '"-1" is not an integer >= 0'),
 ]
 
 

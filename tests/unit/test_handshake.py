@@ -30,6 +30,16 @@ def test_valid_upgrade_gets_the_rfc_accept_value() -> None:
     assert switching_protocols(ACCEPT).endswith(b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n")
 
 
+def test_accepted_extensions_are_answered_in_the_101() -> None:
+    answer = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    response = switching_protocols(ACCEPT, answer)
+    assert response.endswith(
+        b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n"
+        b"Sec-WebSocket-Extensions: " + answer.encode() + b"\r\n\r\n"
+    )
+    assert b"Sec-WebSocket-Extensions" not in switching_protocols(ACCEPT, None)
+
+
 def test_plain_request_is_not_an_upgrade() -> None:
     assert not is_upgrade({"REQUEST_METHOD": "GET", "PATH_INFO": "/healthz"})
 

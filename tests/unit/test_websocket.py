@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,6 +89,7 @@ def pair() -> Iterator[tuple[Owner, Any, Peer]]:
             max_message_size=kwargs.pop("max_message_size", 4096),
             queue_bytes=kwargs.pop("max_queue_bytes", 1 << 20),
             queue_frames=kwargs.pop("queue_limit", 8),
+            compression_threshold=kwargs.pop("compress_from", 1024),
             # No rate limit unless a test sets one.
             **rated or {"client_rate": 1e9, "client_burst": 1_000_000_000},
         )
@@ -98,6 +100,7 @@ def pair() -> Iterator[tuple[Owner, Any, Peer]]:
             lambda clients, sock, conn_id: Recorder(
                 clients, sock, conn_id, closed_reasons=owner.closed_reasons
             ),
+            window_bits=kwargs.pop("window_bits", 0),
         )
         ws.flush()  # the empty greeting: the queue starts empty
         return ws
@@ -289,3 +292,41 @@ def test_a_client_within_its_rate_is_never_closed(pair: tuple[Owner, Any, Peer])
         assert peer.frame() == (0x1, b"world")
         gevent.sleep(0.01)  # 100 a second, half the rate
     assert ws.state is State.OPEN
+
+
+def test_a_client_that_negotiated_deflate_is_inflated_and_answered_compressed(
+    pair: tuple[Owner, Any, Peer],
+) -> None:
+    owner, make, peer = pair
+    ws = make(window_bits=15, compress_from=100)
+    compressor = zlib.compressobj(wbits=-15)
+    body = (compressor.compress(b"hello") + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    peer.sock.sendall(masked(0x40 | 0x1, body))  # RSV1: compressed
+    assert peer.frame() == (0x1, b"world")  # under the threshold: plain
+    assert not peer.rsv1
+    assert ws.received == ["hello"]
+    assert ws._reader is None  # no parser, so no zlib state, between messages
+
+    def inflate(data: bytes) -> bytes:
+        return zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
+
+    big = b"x" * 500
+    ws.send(big)
+    opcode, data = peer.frame()
+    assert (opcode, peer.rsv1, inflate(data)) == (0x1, True, big)
+    ws.send_many([big, b"small", big])
+    replay = [(*peer.frame(), peer.rsv1) for _ in range(3)]
+    assert [(op, rsv1) for op, _, rsv1 in replay] == [(0x1, True), (0x1, False), (0x1, True)]
+    assert [inflate(replay[0][1]), replay[1][1], inflate(replay[2][1])] == [big, b"small", big]
+    assert len(owner.clients.deflated) == 1  # the replayed payload, compressed once
+    assert owner.clients.deflating == 1
+    ws.abort("test over")
+    assert owner.clients.deflating == 0
+
+
+def test_a_plain_client_sending_rsv1_is_closed_with_1002(pair: tuple[Owner, Any, Peer]) -> None:
+    _, make, peer = pair
+    make()
+    peer.sock.sendall(masked(0x40 | 0x1, b"\xf2\x00"))
+    opcode, payload = peer.frame()
+    assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1002))

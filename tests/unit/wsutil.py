@@ -31,6 +31,7 @@ class Peer:
     def __init__(self, sock: gevent.socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.rsv1 = False  # of the last frame read
 
     def _fill(self, n: int) -> None:
         while len(self.buffer) < n:
@@ -46,7 +47,9 @@ class Peer:
         return data
 
     def frame(self) -> tuple[int, bytes]:
+        self.rsv1 = False
         self._fill(2)
+        self.rsv1 = bool(self.buffer[0] & 0x40)
         opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
         offset = 2
         if length == 126:
