@@ -65,7 +65,9 @@ def _rates(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="ranger-py benchmark: fan-out, private, idle, slow readers, order books.",
+        description=(
+            "ranger-py benchmark: fan-out, private, idle, slow readers, order books, compression."
+        ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -92,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates", type=_rates, help="fan-out msg/s steps, e.g. 50,100,300")
     parser.add_argument("--private-rates", type=_rates, help="private msg/s steps")
     parser.add_argument("--multiworker-rates", type=_rates, help="multi-worker msg/s steps")
+    parser.add_argument(
+        "--compression-rates", type=_rates, help="msg/s steps of the compression scenario"
+    )
     parser.add_argument("--step-seconds", type=float, help="publish time of each step")
     parser.add_argument("--clients", type=int, help="fan-out clients (default 1000)")
     parser.add_argument("--idle-connections", type=int, help="idle connections (default 5000)")
@@ -123,6 +128,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "fanout_rates": args.rates,
         "private_rates": args.private_rates,
         "multiworker_rates": args.multiworker_rates,
+        "compression_rates": args.compression_rates,
         "step_s": args.step_seconds,
         "fanout_clients": args.clients,
         "idle_connections": args.idle_connections,

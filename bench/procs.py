@@ -8,6 +8,7 @@ its CPU ticks with it, which the report notes as a server problem anyway.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -21,11 +22,13 @@ __all__ = [
     "sample",
     "send_queues",
     "softirq_s",
+    "tcp_bytes_acked",
     "tree",
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
+_BYTES_ACKED = re.compile(r"\bbytes_acked:(\d+)")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -165,3 +168,23 @@ def send_queues(server_port: int, peer_ports: set[int]) -> dict[int, int] | None
             if peer in peer_ports:
                 queues[peer] = int(fields[1])
     return queues
+
+
+def tcp_bytes_acked(server_port: int) -> int | None:
+    """TCP payload bytes the peers acknowledged, summed over the established connections from
+    ``server_port`` (``ss -ti``'s ``bytes_acked``): what crossed the sockets, frame headers
+    included, retransmissions not; a connection that closes takes its count with it. None
+    without ``ss``. ``/proc/<pid>/io``'s ``wchar`` would not do: it does not count ``send(2)``,
+    which is how servers write to sockets.
+    """
+    ss = shutil.which("ss")
+    if ss is None:
+        return None
+    out = subprocess.run(
+        [ss, "-tinH", "state", "established", f"( sport = :{server_port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout
+    return sum(int(found) for found in _BYTES_ACKED.findall(out))

@@ -11,15 +11,17 @@ says how far behind schedule it ever fell, so a publisher-bound step is visible 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import amqp
 
 from bench import rpc
 
-__all__ = ["Publisher", "main"]
+__all__ = ["BODIES", "Publisher", "book_body", "main", "trade_body"]
 
 _BODY_HEAD = (
     b'{"ts":%d,"seq":%d,"tid":%d,"market":"%s","price":"9876.54","amount":"0.1250",'
@@ -35,6 +37,50 @@ def trade_body(sent_us: int, seq: int, market: bytes, size: int) -> bytes:
     head = _BODY_HEAD % (sent_us, seq, seq, market, sent_us // 1_000_000)
     pad = size - len(head) - len(_BODY_TAIL)
     return head + b"x" * max(0, pad) + _BODY_TAIL
+
+
+@functools.lru_cache(maxsize=8)
+def _book_levels(size: int) -> bytes:
+    """The "asks" and "bids" of a book body of about ``size`` bytes, with its closing brace.
+
+    Prices step by a few cents and amounts vary in every digit, as a real book's do, so that
+    deflate gets the redundancy of the JSON shape and not that of a repeated string.
+    """
+    asks: list[str] = []
+    bids: list[str] = []
+    # About 40 bytes of head ("ts", "sequence") and 20 of framing; at most one pair per byte.
+    left = size - 60
+    for i in range(max(size, 2)):
+        if left <= 0 and asks and bids:
+            break
+        side, sign, step = (asks, 1, 0.37) if i % 2 == 0 else (bids, -1, 0.41)
+        price = 9876.54 + sign * step * (len(side) + 1)
+        amount = (i * 7919 + 977) % 250_000 / 10_000
+        pair = f'["{price:.2f}","{amount:.4f}"]'
+        side.append(pair)
+        left -= len(pair) + 1
+    return f'"asks":[{",".join(asks)}],"bids":[{",".join(bids)}]}}'.encode()
+
+
+def book_body(sent_us: int, seq: int, market: bytes, size: int) -> bytes:
+    """An order-book-snapshot-like JSON body of about ``size`` bytes: Peatio's ``ob-snap``
+    shape (``asks`` and ``bids`` as ``["price","amount"]`` string pairs, a ``sequence``), with
+    ``"ts"`` first like every body of the publisher. ``market`` is not part of a snapshot.
+
+    >>> body = book_body(1_234_567, 8, b"btcusd", 4096)
+    >>> 3900 < len(body) < 4300, body.startswith(b'{"ts":1234567,"sequence":8,')
+    (True, True)
+    >>> book = json.loads(body)
+    >>> len(book["asks"]) > 80, book["bids"][0], book["asks"][1]
+    (True, ['9876.13', '0.8896'], ['9877.28', '1.6815'])
+    """
+    return b'{"ts":%d,"sequence":%d,' % (sent_us, seq) + _book_levels(size)
+
+
+BODIES: dict[str, Callable[[int, int, bytes, int], bytes]] = {
+    "trade": trade_body,
+    "book": book_body,
+}
 
 
 def _now_us() -> int:
@@ -102,16 +148,19 @@ class Publisher:
         rate: float,
         duration: float,
         body_size: int = 200,
+        body_kind: str = "trade",
         market: str = "btcusd",
     ) -> dict[str, Any]:
-        """Publish ``rate`` msg/s for ``duration`` s, routing keys taken in turn."""
+        """Publish ``rate`` msg/s for ``duration`` s, routing keys taken in turn; ``body_kind``
+        is a key of :data:`BODIES`."""
         channel = self.channel
         message = amqp.Message
         count = len(keys)
         tag = market.encode()
+        build = BODIES[body_kind]
 
         def send(n: int) -> None:
-            body = trade_body(_now_us(), n, tag, body_size)
+            body = build(_now_us(), n, tag, body_size)
             channel.basic_publish(message(body), exchange=exchange, routing_key=keys[n % count])
 
         return self._pace(rate, duration, send)

@@ -30,6 +30,12 @@ _STEP_COLUMNS = (
     ("oth CPU%", "other_cpu_pct", "{:>8.1f}"),
     ("ok", "sustained", "{!s:>5}"),
 )
+# Steps whose clients counted bytes (the compression scenario) show these too.
+_WIRE_COLUMNS = (
+    ("B/deliv", "wire_bytes_per_delivery", "{:>8,}"),
+    ("tcp B/deliv", "server_tcp_bytes_per_delivery", "{:>11,}"),
+    ("RSV1", "compressed_share", "{:>6.1%}"),
+)
 
 
 def _out(text: str = "") -> None:
@@ -47,13 +53,18 @@ def _cell(fmt: str, value: Any) -> str:
         return str(value).rjust(width)
 
 
-def _step_header() -> str:
-    widths = [len(_cell(fmt, 0)) for _, _, fmt in _STEP_COLUMNS]
-    return " ".join(title.rjust(w) for (title, _, _), w in zip(_STEP_COLUMNS, widths, strict=True))
+def _columns(step: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    return _STEP_COLUMNS + (_WIRE_COLUMNS if "wire_bytes_per_delivery" in step else ())
+
+
+def _step_header(step: dict[str, Any]) -> str:
+    columns = _columns(step)
+    widths = [len(_cell(fmt, 0)) for _, _, fmt in columns]
+    return " ".join(title.rjust(w) for (title, _, _), w in zip(columns, widths, strict=True))
 
 
 def _step_row(step: dict[str, Any]) -> str:
-    return " ".join(_cell(fmt, step.get(key)) for _, key, fmt in _STEP_COLUMNS)
+    return " ".join(_cell(fmt, step.get(key)) for _, key, fmt in _columns(step))
 
 
 def progress(scenario: str, label: str, step: dict[str, Any], note: str | None = None) -> None:
@@ -65,9 +76,29 @@ def progress(scenario: str, label: str, step: dict[str, Any], note: str | None =
 
 
 def _steps_table(steps: Iterable[dict[str, Any]]) -> None:
-    _out("  " + _step_header())
-    for step in steps:
+    rows = list(steps)
+    _out("  " + _step_header(rows[0] if rows else {}))
+    for step in rows:
         _out("  " + _step_row(step))
+
+
+def _knee_line(data: dict[str, Any]) -> str:
+    """Max sustained deliveries/s and the pair of steps that brackets it."""
+    best = data.get("max_sustained_per_s")
+    low, high = data.get("last_passing_rate"), data.get("first_failing_rate")
+    if high is not None and low is not None:
+        knee = f"last passing step {low:,} msg/s, first failing {high:,} msg/s"
+    elif high is not None:
+        knee = f"the first step ({high:,} msg/s) failed"
+    else:
+        knee = "no failing step within the rates tried"
+    if data.get("non_monotonic"):
+        knee += "; a lower rate failed: noisy machine?"
+    return (
+        f"max sustained: {best:,} deliveries/s ({knee})"
+        if best
+        else f"max sustained: none ({knee})"
+    )
 
 
 def _kv(pairs: Iterable[tuple[str, Any]]) -> None:
@@ -112,21 +143,7 @@ def print_tables(result: dict[str, Any]) -> None:
         )
     elif name in ("fanout", "private") and "steps" in data:
         _steps_table(data["steps"])
-        best = data.get("max_sustained_per_s")
-        low, high = data.get("last_passing_rate"), data.get("first_failing_rate")
-        if high is not None and low is not None:
-            knee = f"last passing step {low:,} msg/s, first failing {high:,} msg/s"
-        elif high is not None:
-            knee = f"the first step ({high:,} msg/s) failed"
-        else:
-            knee = "no failing step within the rates tried"
-        if data.get("non_monotonic"):
-            knee += "; a lower rate failed: noisy machine?"
-        _out(
-            f"  max sustained: {best:,} deliveries/s ({knee})"
-            if best
-            else f"  max sustained: none ({knee})"
-        )
+        _out("  " + _knee_line(data))
     elif name == "slow" and "stalled" in data:
         _steps_table([data["baseline"], data["stalled"]])
         _kv(
@@ -193,10 +210,47 @@ def print_tables(result: dict[str, Any]) -> None:
                 if "sockets_per_process" in run:
                     _out(f"  sockets per server process: {run['sockets_per_process']}")
         _out(f"  capacity ratio 2 workers / 1: {data.get('capacity_ratio')}")
+    elif name == "compression" and "summary" in data:
+        _compression_tables(data)
+    runs = ("w1", "w2", "plain", "deflate")
     for text in data.get("problems", []) + [
-        p for key in ("w1", "w2") for p in data.get(key, {}).get("problems", [])
+        p for key in runs for p in data.get(key, {}).get("problems", [])
     ]:
         _out(f"  SERVER PROBLEM: {text}")
+
+
+def _compression_tables(data: dict[str, Any]) -> None:
+    _out(
+        f"  {data['clients']} clients on {data['stream']}, order-book bodies of "
+        f"{data['body_bytes']:,} bytes; offer: {data['offer']}"
+    )
+    for key, title in (("plain", "not offering compression"), ("deflate", "offering it")):
+        run, summary = data.get(key, {}), data["summary"][key]
+        _out(f"  clients {title}: handshake answers {(run.get('connect') or {}).get('extensions')}")
+        if run.get("steps"):
+            _steps_table(run["steps"])
+            _out("  " + _knee_line(run))
+        pairs: list[tuple[str, Any]] = [
+            ("server CPU% at the best step", summary["server_cpu_pct"]),
+            ("bytes/delivery, client-counted", summary["wire_bytes_per_delivery"]),
+            ("bytes/delivery, server TCP (ss)", summary["server_tcp_bytes_per_delivery"]),
+        ]
+        if key == "deflate":
+            pairs.append(("offers not accepted", summary["declined"]))
+        if summary["failed_measurement"]:
+            pairs.append(("FAILED MEASUREMENT", summary["failed_measurement"]))
+        _kv(pairs)
+    same = data.get("same_rate")
+    _kv(
+        [
+            ("capacity compressed / plain", data.get("capacity_ratio")),
+            ("bytes/delivery compressed / plain", data.get("bytes_ratio")),
+            (
+                "server CPU% at the same rate",
+                f"{same['server_cpu_pct']} at {same['rate']} msg/s" if same else None,
+            ),
+        ]
+    )
 
 
 def _find(results: list[dict[str, Any]], scenario: str, label: str) -> dict[str, Any]:
@@ -234,6 +288,11 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
     slow = _find(results, "slow", label)
     book = _find(results, "orderbook", label)
     multi = _find(results, "multiworker", label)
+    squeeze = _find(results, "compression", label)
+    # A compression run that is no measurement shows as why (e.g. "declined"), never as a ratio.
+    squeeze_failed = [
+        run["verdict"] for run in (squeeze.get("summary") or {}).values() if run["verdict"]
+    ]
 
     def row(
         what: str, value: Any, target: str, met: bool | None, ref: str, *, unit: str = ""
@@ -360,16 +419,28 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
             "-",
             unit="x",
         ),
+        row(
+            "compressed fan-out capacity within 20 % of uncompressed",
+            ", ".join(squeeze_failed) if squeeze_failed else squeeze.get("capacity_ratio"),
+            ">= 0.80x",
+            False if squeeze_failed else ge(squeeze.get("capacity_ratio"), 0.8),
+            "-",
+            unit="" if squeeze_failed else "x",
+        ),
     ]
 
 
 def print_headline(rows: list[dict[str, Any]], label: str) -> None:
     _out()
     _out(f"== targets · {label} ==")
-    _out(f"  {'figure':<40} {'measured':>16} {'target':>20} {'met':>5}  reference")
+    width = max([40, *(len(r["what"]) for r in rows)])
+    _out(f"  {'figure':<{width}} {'measured':>16} {'target':>20} {'met':>5}  reference")
     for r in rows:
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-        _out(f"  {r['what']:<40} {r['measured']:>16} {r['target']:>20} {met:>5}  {r['reference']}")
+        _out(
+            f"  {r['what']:<{width}} {r['measured']:>16} {r['target']:>20} {met:>5}"
+            f"  {r['reference']}"
+        )
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -396,6 +467,11 @@ def _panels(results: list[dict[str, Any]]) -> dict[str, list[tuple[str, list[dic
                 if data.get(key, {}).get("steps"):
                     name = f"{label} WEB_CONCURRENCY={key[1]}"
                     panels.setdefault("multiworker", []).append((name, data[key]["steps"]))
+        elif result["scenario"] == "compression":
+            for key in ("plain", "deflate"):
+                if data.get(key, {}).get("steps"):
+                    name = f"{label} {key}"
+                    panels.setdefault("compression", []).append((name, data[key]["steps"]))
     return panels
 
 

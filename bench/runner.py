@@ -83,6 +83,11 @@ class Settings:
     multiworker_rates: list[int] = field(
         default_factory=lambda: [100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1500]
     )
+    # Fan-out of ~4 KB order-book bodies, without and with permessage-deflate.
+    compression_body_size: int = 4096
+    compression_rates: list[int] = field(
+        default_factory=lambda: [25, 50, 100, 150, 200, 250, 300, 400, 500, 600]
+    )
     max_minutes: float = 45.0
 
     @classmethod
@@ -107,6 +112,7 @@ class Settings:
             book_waves=2,
             book_s=3.0,
             multiworker_rates=[100, 300],
+            compression_rates=[50, 150],
             max_minutes=4.0,
         )
 
@@ -155,6 +161,9 @@ class LoadGens:
         for part in parts:
             errors.update(part["errors"])
         elapsed = max(p["elapsed_s"] for p in parts)
+        extensions: Counter[str] = Counter()
+        for part in parts:
+            extensions.update(part["extensions"])
         return {
             "requested": len(urls),
             "connected": sum(p["connected"] for p in parts),
@@ -164,6 +173,7 @@ class LoadGens:
             "client_cpu_pct": max(100.0 * p["connect_cpu_s"] / max(elapsed, 1e-9) for p in parts),
             "subscribed": sum(p["subscribed"] for p in parts),
             "subscribed_wrong_streams": sum(p["subscribed_wrong_streams"] for p in parts),
+            "extensions": dict(extensions),
         }
 
     def begin(self, groups: list[str]) -> list[dict[str, Any]]:
@@ -188,6 +198,8 @@ class LoadGens:
                 "clients": sum(r["clients"] for r in rows),
                 "open": sum(r["open"] for r in rows),
                 "frames": sum(r["frames"] for r in rows),
+                "wire_bytes": sum(r["wire_bytes"] for r in rows),
+                "compressed": sum(r["compressed"] for r in rows),
                 "late": sum(r["late"] for r in rows),
                 "counts": stats.merge(r["histogram"] for r in rows),
                 "max_ms": max(maxes) / 1000.0 if maxes else None,
@@ -390,7 +402,14 @@ class Bench:
     def broker_sample(self) -> procs.Sample:
         return procs.sample(self._broker_pids)
 
-    def warm_up(self, group: str, keys: list[str], rate: int) -> None:
+    def _body(self, body: dict[str, Any] | None) -> dict[str, Any]:
+        """The publisher's body options: the run's trade bodies unless ``body`` says otherwise
+        (``body_kind``, ``body_size``)."""
+        return {"body_size": self.settings.body_size, **(body or {})}
+
+    def warm_up(
+        self, group: str, keys: list[str], rate: int, *, body: dict[str, Any] | None = None
+    ) -> None:
         """Publish briefly and throw the figures away (first-use costs on every side)."""
         self.lg.begin([group])
         self.pub.call(
@@ -400,7 +419,7 @@ class Bench:
             keys=keys,
             rate=rate,
             duration=self.settings.warmup_s,
-            body_size=self.settings.body_size,
+            **self._body(body),
         )
         time.sleep(0.3)
         self.lg.snapshot([group])
@@ -416,16 +435,21 @@ class Bench:
         duration: float | None = None,
         before_publish: Callable[[], None] | None = None,
         while_publishing: Callable[[float], dict[str, Any]] | None = None,
+        body: dict[str, Any] | None = None,
+        tcp_bytes: bool = False,
     ) -> dict[str, Any]:
         """Publish ``rate`` msg/s to ``keys`` and measure what ``groups`` receive.
 
         ``recipients`` is how many clients of ``groups`` should get each message.
         ``while_publishing(end)`` runs while the publisher works (``end`` is when it should be
         done, in ``time.monotonic()`` terms); what it returns is kept as the step's ``side``.
+        ``body``: the publisher's body options (see :meth:`_body`). ``tcp_bytes``: also take
+        the TCP bytes the server's connections sent (``ss``), before and after the step.
         """
         self.check_time()
         settings = self.settings
         duration = duration or settings.step_s
+        acked0 = procs.tcp_bytes_acked(server.url_port) if tcp_bytes else None
         begun = self.lg.begin(groups)
         if before_publish is not None:
             before_publish()
@@ -437,7 +461,7 @@ class Bench:
             keys=keys,
             rate=rate,
             duration=duration,
-            body_size=settings.body_size,
+            **self._body(body),
         )
         side = while_publishing(time.monotonic() + duration) if while_publishing else None
         published = self.pub.recv(duration * 3 + 30)
@@ -457,6 +481,7 @@ class Bench:
             elif time.monotonic() - last_change > settings.drain_idle_s:
                 break
         merged, _ = self.lg.snapshot(groups)
+        acked1 = procs.tcp_bytes_acked(server.url_port) if tcp_bytes else None
         figures = self._figures(
             rate=rate,
             published=published,
@@ -478,6 +503,9 @@ class Bench:
             figures["other_cpu_pct"] = round(100.0 * other / wall, 1)
         if side is not None:
             figures["side"] = side
+        if acked0 is not None and acked1 is not None and figures["frames"]:
+            # Every byte the server sent its clients in the step, over the frames they counted.
+            figures["server_tcp_bytes_per_delivery"] = round((acked1 - acked0) / figures["frames"])
         return figures
 
     def _figures(
@@ -493,6 +521,8 @@ class Bench:
         counted: list[dict[str, Any]],
     ) -> dict[str, Any]:
         frames = sum(g["frames"] for g in merged.values())
+        wire = sum(g["wire_bytes"] for g in merged.values())
+        compressed = sum(g["compressed"] for g in merged.values())
         counts = sum((g["counts"] for g in merged.values()), start=stats.merge([]))
         p50, p90, p99 = stats.percentiles_ms(counts)
         maxes = [g["max_ms"] for g in merged.values() if g["max_ms"] is not None]
@@ -507,7 +537,7 @@ class Bench:
             and p99 is not None
             and p99 < P99_LIMIT_MS
         )
-        return {
+        figures: dict[str, Any] = {
             "rate": rate,
             "published": published["published"],
             "publish_rate": round(published["published"] / duration, 1),
@@ -533,6 +563,10 @@ class Bench:
             "publisher_cpu_pct": round(100.0 * published["cpu_s"] / duration, 1),
             "sustained": passed,
         }
+        if wire and frames:  # only WireClient counts bytes
+            figures["wire_bytes_per_delivery"] = round(wire / frames)
+            figures["compressed_share"] = round(compressed / frames, 4)
+        return figures
 
     def knee(
         self,
@@ -543,8 +577,11 @@ class Bench:
         *,
         recipients: int,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        **step_options: Any,
     ) -> dict[str, Any]:
         """Steps at rising rates until ``fail_limit`` fail in a row, then a bisection.
+
+        ``step_options`` go to every :meth:`step` (``body``, ``tcp_bytes``).
 
         When every given rate holds, the steps go on by ``extend_factor``. Once a step fails, the
         rates between the last passing step and the first failing one above it are bisected
@@ -560,7 +597,7 @@ class Bench:
             if stopped is not None:
                 return None
             try:
-                step = self.step(server, [group], keys, rate, recipients=recipients)
+                step = self.step(server, [group], keys, rate, recipients=recipients, **step_options)
             except OutOfTime as exc:
                 stopped = str(exc)
                 return None

@@ -11,16 +11,21 @@
   increment upstream: no replay may hold the gap, and every subscriber must be back in sequence
   from the next snapshot.
 * ``multiworker``: fan-out capacity with ``WEB_CONCURRENCY=2`` against one worker.
+* ``compression``: fan-out capacity for ~4 KB order-book bodies, clients not offering
+  permessage-deflate, then every client offering it; bytes on the wire per delivery of each.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 from bench import procs, report, stats
-from bench.runner import Bench, OutOfTime, Settings
+from bench.deflate import OFFER
+from bench.publisher import book_body
+from bench.runner import Bench, OutOfTime, Settings, now_us
 from bench.server import EXCHANGE, Server, ServerSpec
 from bench.tokens import uid
 
@@ -29,6 +34,12 @@ __all__ = ["SCENARIOS", "Scenario"]
 Scenario = Callable[[Bench, ServerSpec], dict[str, Any]]
 
 _FANOUT_MARKET = "btcusd"
+_FANOUT_STREAM = f"{_FANOUT_MARKET}.trades"
+# Order-book bodies on a plain public stream: a real "-snap" topic is cached and goes live only
+# to subscribers without a book (PROTOCOL §6), which is no fan-out.
+_BOOK_STREAM = f"{_FANOUT_MARKET}.depth"
+# A compressed run counts only if nearly every data frame came compressed.
+_MIN_COMPRESSED_SHARE = 0.99
 _MARKETS = [f"mkt{i:02d}usd" for i in range(20)]
 # A stalled client's kernel send queue counts as full once it has not grown for this long
 # (and holds at least this much); then the server gets _GRACE_S to apply its own bound.
@@ -38,9 +49,14 @@ _GRACE_S = 2.0
 
 
 def _fanout_clients(
-    bench: Bench, server: Server, group: str, count: int, **options: Any
+    bench: Bench,
+    server: Server,
+    group: str,
+    count: int,
+    stream: str = _FANOUT_STREAM,
+    **options: Any,
 ) -> dict[str, Any]:
-    url = server.url(f"/public?stream={_FANOUT_MARKET}.trades")
+    url = server.url(f"/public?stream={stream}")
     return bench.lg.connect(
         group,
         [url] * count,
@@ -132,20 +148,45 @@ def fanout(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
 
 
 def _fanout_knee(
-    bench: Bench, spec: ServerSpec, *, workers: int, rates: list[int]
+    bench: Bench,
+    spec: ServerSpec,
+    *,
+    workers: int,
+    rates: list[int],
+    stream: str = _FANOUT_STREAM,
+    client_options: dict[str, Any] | None = None,
+    unfit: Callable[[dict[str, Any]], str | None] | None = None,
+    note: str | None = None,
+    **step_options: Any,
 ) -> dict[str, Any]:
+    """The fan-out capacity search: ``fanout_clients`` on ``stream``, then :meth:`Bench.knee`.
+
+    ``client_options`` go to the load generator's ``connect``; ``unfit(connect)`` says why the
+    connected clients cannot be measured (then no step runs: ``not_measured`` says why);
+    ``step_options`` go to every step (``body``, ``tcp_bytes``).
+    """
     settings = bench.settings
     result: dict[str, Any] = {"clients": settings.fanout_clients, "workers": workers}
-    keys = [f"public.{_FANOUT_MARKET}.trades"]
+    keys = [f"public.{stream}"]
     with bench.server(spec, result, workers=workers) as server:
         connect = _fanout_clients(
-            bench, server, "fanout", settings.fanout_clients, probe_every=settings.probe_every
+            bench,
+            server,
+            "fanout",
+            settings.fanout_clients,
+            stream=stream,
+            probe_every=settings.probe_every,
+            **(client_options or {}),
         )
         result["connect"] = connect
         if workers > 1:
             sockets = server.sample(sockets=True).sockets
             result["sockets_per_process"] = {str(pid): n for pid, n in sockets.items()}
-        bench.warm_up("fanout", keys, 50)
+        problem = unfit(connect) if unfit is not None else None
+        if problem is not None:
+            result["not_measured"] = problem
+            return result
+        bench.warm_up("fanout", keys, 50, body=step_options.get("body"))
         result.update(
             bench.knee(
                 server,
@@ -153,7 +194,8 @@ def _fanout_knee(
                 keys,
                 rates,
                 recipients=connect["connected"],
-                on_step=lambda step: report.progress("fanout", spec.label, step),
+                on_step=lambda step: report.progress("fanout", spec.label, step, note=note),
+                **step_options,
             )
         )
     return result
@@ -232,7 +274,7 @@ def slow(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     settings = bench.settings
     n_slow = settings.slow_clients
     n_fast = settings.fanout_clients - n_slow
-    keys = [f"public.{_FANOUT_MARKET}.trades"]
+    keys = [f"public.{_FANOUT_STREAM}"]
     bulk_keys = [f"public.{_FANOUT_MARKET}.bulk"]
     result: dict[str, Any] = {
         "clients": settings.fanout_clients,
@@ -247,8 +289,7 @@ def slow(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
         fast = _fanout_clients(bench, server, "fast", n_fast, probe_every=settings.probe_every)
         slow_connect = bench.lg.connect(
             "slow",
-            [server.url(f"/public?stream={_FANOUT_MARKET}.trades&stream={_FANOUT_MARKET}.bulk")]
-            * n_slow,
+            [server.url(f"/public?stream={_FANOUT_STREAM}&stream={_FANOUT_MARKET}.bulk")] * n_slow,
             concurrency=settings.connect_concurrency,
             expect_streams=2,
             rcvbuf=settings.slow_rcvbuf,
@@ -444,6 +485,141 @@ def multiworker(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     return result
 
 
+def _unfit_for(offered: bool, connect: dict[str, Any]) -> str | None:
+    """Why a compression run's clients cannot be measured: an offer not accepted by every
+    client (a compressed run must not pass for an uncompressed one), or an extension answered
+    to clients that offered none."""
+    answers: dict[str, int] = connect["extensions"]
+    connected = connect["connected"]
+    wanted = "accepted" if offered else "not offered"
+    others = {answer: n for answer, n in answers.items() if answer != wanted}
+    if not others:
+        return None
+    if offered:
+        declined = connected - answers.get("accepted", 0)
+        return f"permessage-deflate not accepted for {declined} of {connected} clients: {others}"
+    return f"the server answered an extension nobody offered: {others}"
+
+
+def _best_step(run: dict[str, Any]) -> dict[str, Any]:
+    """The sustained step with the most deliveries/s (empty when none passed)."""
+    passing = [s for s in run.get("steps", []) if s["sustained"]]
+    return max(passing, key=lambda s: s["delivered_per_s"]) if passing else {}
+
+
+def _client_errors(run: dict[str, Any]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for step in run.get("steps", []):
+        for text, n in step["errors"].items():
+            errors[text] = errors.get(text, 0) + n
+    return errors
+
+
+def _compression_summary(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """One run's figures for the report, and why it is no measurement, if it is not."""
+    best = _best_step(run)
+    steps = [s for s in run.get("steps", []) if s["frames"]]
+    shares = [s.get("compressed_share", 0.0) for s in steps]
+    errors = _client_errors(run)
+    # (verdict, why): the first reason this run is no measurement.
+    failures = [
+        ("declined" if name == "deflate" else "extension", run.get("not_measured")),
+        ("stopped", run.get("stopped")),
+        ("no frames", None if steps else "no frames delivered"),
+        ("client errors", f"client errors: {errors}" if errors else None),
+        (
+            "not compressed",
+            f"only {min(shares):.1%} of the frames came compressed (threshold?)"
+            if name == "deflate" and steps and min(shares) < _MIN_COMPRESSED_SHARE
+            else None,
+        ),
+    ]
+    verdict, problem = next(((v, why) for v, why in failures if why), (None, None))
+    answers = (run.get("connect") or {}).get("extensions", {})
+    connected = (run.get("connect") or {}).get("connected", 0)
+    return {
+        "max_sustained_per_s": run.get("max_sustained_per_s"),
+        "last_passing_rate": run.get("last_passing_rate"),
+        "first_failing_rate": run.get("first_failing_rate"),
+        "server_cpu_pct": best.get("server_cpu_pct"),
+        "wire_bytes_per_delivery": best.get("wire_bytes_per_delivery"),
+        "server_tcp_bytes_per_delivery": best.get("server_tcp_bytes_per_delivery"),
+        "compressed_share": best.get("compressed_share"),
+        "declined": connected - answers.get("accepted", 0) if name == "deflate" else None,
+        "client_errors": errors,
+        "verdict": verdict,
+        "failed_measurement": problem,
+    }
+
+
+def _ratio(top: Any, bottom: Any) -> float | None:
+    return round(top / bottom, 3) if top and bottom else None
+
+
+def compression(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    """Fan-out capacity for ~4 KB order-book bodies: clients that do not offer
+    permessage-deflate, then clients that all offer it (the server's settings the same)."""
+    settings = bench.settings
+    body = {"body_kind": "book", "body_size": settings.compression_body_size}
+    result: dict[str, Any] = {
+        "clients": settings.fanout_clients,
+        "stream": _BOOK_STREAM,
+        "body_bytes": len(book_body(now_us(), 1, b"", settings.compression_body_size)),
+        "offer": OFFER,
+        "bytes_counted": "client: ws frame header + payload of each data frame; "
+        "server: ss bytes_acked of its connections",
+    }
+    for name, offer in (("plain", None), ("deflate", OFFER)):
+        try:
+            result[name] = _fanout_knee(
+                bench,
+                spec,
+                workers=1,
+                rates=settings.compression_rates,
+                stream=_BOOK_STREAM,
+                client_options={"kind": "wire", "deflate_offer": offer},
+                unfit=functools.partial(_unfit_for, offer is not None),
+                note=name,
+                body=body,
+                tcp_bytes=True,
+            )
+        except OutOfTime as exc:
+            result[name] = {"stopped": str(exc)}
+            break
+    result.update(_compare(result.get("plain", {}), result.get("deflate", {})))
+    return result
+
+
+def _compare(plain_run: dict[str, Any], deflate_run: dict[str, Any]) -> dict[str, Any]:
+    """The two runs side by side; no ratio unless both are measurements."""
+    plain = _compression_summary("plain", plain_run)
+    deflate = _compression_summary("deflate", deflate_run)
+    compared: dict[str, Any] = {
+        "summary": {"plain": plain, "deflate": deflate},
+        "capacity_ratio": None,
+        "bytes_ratio": None,
+    }
+    if plain["verdict"] is not None or deflate["verdict"] is not None:
+        return compared
+    compared["capacity_ratio"] = _ratio(
+        deflate["max_sustained_per_s"], plain["max_sustained_per_s"]
+    )
+    compared["bytes_ratio"] = _ratio(
+        deflate["wire_bytes_per_delivery"], plain["wire_bytes_per_delivery"]
+    )
+    # The server's cost of compressing, at the highest rate both runs sustained.
+    cpu: dict[int, dict[str, Any]] = {}
+    for name, run in (("plain", plain_run), ("deflate", deflate_run)):
+        for step in run.get("steps", []):
+            if step["sustained"]:
+                cpu.setdefault(step["rate"], {})[name] = step["server_cpu_pct"]
+    both = [rate for rate, pair in cpu.items() if len(pair) == 2]
+    if both:
+        rate = max(both)
+        compared["same_rate"] = {"rate": rate, "server_cpu_pct": cpu[rate]}
+    return compared
+
+
 SCENARIOS: dict[str, Scenario] = {
     "idle": idle,
     "fanout": fanout,
@@ -451,4 +627,5 @@ SCENARIOS: dict[str, Scenario] = {
     "slow": slow,
     "orderbook": orderbook,
     "multiworker": multiworker,
+    "compression": compression,
 }
