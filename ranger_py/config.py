@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from ranger_py.errors import ConfigError
+from ranger_py.jwt_algorithms import JWT_ALGORITHMS
 
 __all__ = [
     "ANY_ORIGIN",
@@ -48,9 +49,6 @@ _T = TypeVar("_T")
 MASK = "***"
 _META_KEY = "ranger_py.setting"
 
-# Every algorithm JWT_ALGORITHM may name (ranger_py.keys checks which one fits the key). "none" and
-# HS* are absent on purpose: with a public key as the HMAC secret, anyone could sign.
-JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA")
 
 # The lowest RANGER_BROKER_HEARTBEAT. The consumer's loop wakes up when a drain of its connection
 # times out (consumer.Timings.safety_interval, 1 s), and every frame restarts py-amqp's drain

@@ -17,8 +17,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ranger_py.config import JWT_ALGORITHMS
 from ranger_py.errors import ConfigError
+from ranger_py.jwt_algorithms import JWT_ALGORITHMS
 
 __all__ = ["SUPPORTED_ALGORITHMS", "VerifyKey", "load_verify_key"]
 
@@ -28,7 +28,7 @@ VerifyKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed
 _PUBLIC_KEY = "JWT_PUBLIC_KEY"
 _ALGORITHM = "JWT_ALGORITHM"
 
-# One list, the configuration's: JWT_ALGORITHM is validated there, and a key may verify only these.
+# The one list (ranger_py.jwt_algorithms): JWT_ALGORITHM names one, a key verifies no other.
 SUPPORTED_ALGORITHMS = JWT_ALGORITHMS
 
 # An EC key verifies exactly one ES* algorithm: the one built on its curve (RFC 7518 §3.4).

@@ -19,7 +19,6 @@ __all__ = ["RawSocket", "masked_frame"]
 
 OPCODE_TEXT = 0x1
 OPCODE_CLOSE = 0x8
-OPCODE_PING = 0x9
 OPCODE_PONG = 0xA
 
 
