@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import procs, report, stats
+from bench import procs, report, stats, verdicts
 from bench.deflate import OFFER
 from bench.publisher import book_body
 from bench.runner import Bench, OutOfTime, Settings, now_us
@@ -39,7 +39,6 @@ _FANOUT_STREAM = f"{_FANOUT_MARKET}.trades"
 # to subscribers without a book (PROTOCOL §6), which is no fan-out.
 _BOOK_STREAM = f"{_FANOUT_MARKET}.depth"
 # A compressed run counts only if nearly every data frame came compressed.
-_MIN_COMPRESSED_SHARE = 0.99
 _MARKETS = [f"mkt{i:02d}usd" for i in range(20)]
 # A stalled client's kernel send queue counts as full once it has not grown for this long
 # (and holds at least this much); then the server gets _GRACE_S to apply its own bound.
@@ -485,77 +484,6 @@ def multiworker(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     return result
 
 
-def _unfit_for(offered: bool, connect: dict[str, Any]) -> str | None:
-    """Why a compression run's clients cannot be measured: an offer not accepted by every
-    client (a compressed run must not pass for an uncompressed one), or an extension answered
-    to clients that offered none."""
-    answers: dict[str, int] = connect["extensions"]
-    connected = connect["connected"]
-    wanted = "accepted" if offered else "not offered"
-    others = {answer: n for answer, n in answers.items() if answer != wanted}
-    if not others:
-        return None
-    if offered:
-        declined = connected - answers.get("accepted", 0)
-        return f"permessage-deflate not accepted for {declined} of {connected} clients: {others}"
-    return f"the server answered an extension nobody offered: {others}"
-
-
-def _best_step(run: dict[str, Any]) -> dict[str, Any]:
-    """The sustained step with the most deliveries/s (empty when none passed)."""
-    passing = [s for s in run.get("steps", []) if s["sustained"]]
-    return max(passing, key=lambda s: s["delivered_per_s"]) if passing else {}
-
-
-def _client_errors(run: dict[str, Any]) -> dict[str, int]:
-    errors: dict[str, int] = {}
-    for step in run.get("steps", []):
-        for text, n in step["errors"].items():
-            errors[text] = errors.get(text, 0) + n
-    return errors
-
-
-def _compression_summary(name: str, run: dict[str, Any]) -> dict[str, Any]:
-    """One run's figures for the report, and why it is no measurement, if it is not."""
-    best = _best_step(run)
-    steps = [s for s in run.get("steps", []) if s["frames"]]
-    shares = [s.get("compressed_share", 0.0) for s in steps]
-    errors = _client_errors(run)
-    # (verdict, why): the first reason this run is no measurement.
-    failures = [
-        ("declined" if name == "deflate" else "extension", run.get("not_measured")),
-        ("stopped", run.get("stopped")),
-        ("no frames", None if steps else "no frames delivered"),
-        ("client errors", f"client errors: {errors}" if errors else None),
-        (
-            "not compressed",
-            f"only {min(shares):.1%} of the frames came compressed (threshold?)"
-            if name == "deflate" and steps and min(shares) < _MIN_COMPRESSED_SHARE
-            else None,
-        ),
-    ]
-    verdict, problem = next(((v, why) for v, why in failures if why), (None, None))
-    answers = (run.get("connect") or {}).get("extensions", {})
-    connected = (run.get("connect") or {}).get("connected", 0)
-    return {
-        "max_sustained_per_s": run.get("max_sustained_per_s"),
-        "last_passing_rate": run.get("last_passing_rate"),
-        "first_failing_rate": run.get("first_failing_rate"),
-        "server_cpu_pct": best.get("server_cpu_pct"),
-        "wire_bytes_per_delivery": best.get("wire_bytes_per_delivery"),
-        "server_tcp_bytes_per_delivery": best.get("server_tcp_bytes_per_delivery"),
-        "compressed_share": best.get("compressed_share"),
-        "declined": connected - answers.get("accepted", 0) if name == "deflate" else None,
-        "client_errors": errors,
-        "verdict": verdict,
-        "failed_measurement": problem,
-    }
-
-
-def _ratio(top: Any, bottom: Any) -> float | None:
-    return round(top / bottom, 3) if top and bottom else None
-
-
 def compression(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     """Fan-out capacity for ~4 KB order-book bodies: clients that do not offer
     permessage-deflate, then clients that all offer it (the server's settings the same)."""
@@ -578,7 +506,7 @@ def compression(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
                 rates=settings.compression_rates,
                 stream=_BOOK_STREAM,
                 client_options={"kind": "wire", "deflate_offer": offer},
-                unfit=functools.partial(_unfit_for, offer is not None),
+                unfit=functools.partial(verdicts.unfit_for, offer is not None),
                 note=name,
                 body=body,
                 tcp_bytes=True,
@@ -586,38 +514,8 @@ def compression(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
         except OutOfTime as exc:
             result[name] = {"stopped": str(exc)}
             break
-    result.update(_compare(result.get("plain", {}), result.get("deflate", {})))
+    result.update(verdicts.compare(result.get("plain", {}), result.get("deflate", {})))
     return result
-
-
-def _compare(plain_run: dict[str, Any], deflate_run: dict[str, Any]) -> dict[str, Any]:
-    """The two runs side by side; no ratio unless both are measurements."""
-    plain = _compression_summary("plain", plain_run)
-    deflate = _compression_summary("deflate", deflate_run)
-    compared: dict[str, Any] = {
-        "summary": {"plain": plain, "deflate": deflate},
-        "capacity_ratio": None,
-        "bytes_ratio": None,
-    }
-    if plain["verdict"] is not None or deflate["verdict"] is not None:
-        return compared
-    compared["capacity_ratio"] = _ratio(
-        deflate["max_sustained_per_s"], plain["max_sustained_per_s"]
-    )
-    compared["bytes_ratio"] = _ratio(
-        deflate["wire_bytes_per_delivery"], plain["wire_bytes_per_delivery"]
-    )
-    # The server's cost of compressing, at the highest rate both runs sustained.
-    cpu: dict[int, dict[str, Any]] = {}
-    for name, run in (("plain", plain_run), ("deflate", deflate_run)):
-        for step in run.get("steps", []):
-            if step["sustained"]:
-                cpu.setdefault(step["rate"], {})[name] = step["server_cpu_pct"]
-    both = [rate for rate, pair in cpu.items() if len(pair) == 2]
-    if both:
-        rate = max(both)
-        compared["same_rate"] = {"rate": rate, "server_cpu_pct": cpu[rate]}
-    return compared
 
 
 SCENARIOS: dict[str, Scenario] = {

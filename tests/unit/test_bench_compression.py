@@ -12,7 +12,7 @@ import pytest
 from bench import report
 from bench.deflate import OFFER, inflate, judge_answer
 from bench.publisher import BODIES, book_body
-from bench.scenarios import _compare, _compression_summary, _unfit_for
+from bench.verdicts import compare, compression_summary, unfit_for
 
 
 def _server_deflate(payload: bytes) -> bytes:
@@ -105,11 +105,11 @@ def _connect(connected: int, **answers: int) -> dict[str, Any]:
 
 
 def test_a_declined_offer_makes_the_run_unfit() -> None:
-    assert _unfit_for(True, _connect(10, accepted=10)) is None
-    problem = _unfit_for(True, _connect(10, accepted=7, declined=3))
+    assert unfit_for(True, _connect(10, accepted=10)) is None
+    problem = unfit_for(True, _connect(10, accepted=7, declined=3))
     assert problem is not None and "3 of 10" in problem
-    assert _unfit_for(False, _connect(10, not_offered=10)) is None
-    assert _unfit_for(False, _connect(10, not_offered=9, answered_without_an_offer=1))
+    assert unfit_for(False, _connect(10, not_offered=10)) is None
+    assert unfit_for(False, _connect(10, not_offered=9, answered_without_an_offer=1))
 
 
 def _step(rate: int, sustained: bool, **extra: Any) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def _run(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def test_summary_of_a_good_compressed_run() -> None:
-    summary = _compression_summary("deflate", _run(_step(50, True), _step(100, False)))
+    summary = compression_summary("deflate", _run(_step(50, True), _step(100, False)))
     assert summary["verdict"] is None and summary["failed_measurement"] is None
     assert summary["max_sustained_per_s"] == 50_000 and summary["server_cpu_pct"] == 5.0
     assert summary["declined"] == 0
@@ -149,23 +149,23 @@ def test_summary_of_a_good_compressed_run() -> None:
 def test_summary_verdicts() -> None:
     declined = _run(connect=_connect(1000, declined=1000), not_measured="not accepted")
     declined["steps"] = []
-    assert _compression_summary("deflate", declined)["verdict"] == "declined"
-    assert _compression_summary("deflate", declined)["declined"] == 1000
+    assert compression_summary("deflate", declined)["verdict"] == "declined"
+    assert compression_summary("deflate", declined)["declined"] == 1000
     plain = _run(_step(50, True, compressed_share=0.5))
-    assert _compression_summary("deflate", plain)["verdict"] == "not compressed"
-    assert _compression_summary("plain", _run(_step(50, True)))["verdict"] is None
+    assert compression_summary("deflate", plain)["verdict"] == "not compressed"
+    assert compression_summary("plain", _run(_step(50, True)))["verdict"] is None
     noisy = _run(_step(50, True, errors={"RSV1 frame without permessage-deflate": 3}))
-    assert _compression_summary("plain", noisy)["verdict"] == "client errors"
+    assert compression_summary("plain", noisy)["verdict"] == "client errors"
 
 
 def _headline_row(plain: dict[str, Any], deflate: dict[str, Any]) -> dict[str, Any]:
-    results = [{"scenario": "compression", "server": "x", "result": _compare(plain, deflate)}]
+    results = [{"scenario": "compression", "server": "x", "result": compare(plain, deflate)}]
     (row,) = [r for r in report.headline(results, "x") if r["what"].startswith("compressed")]
     return row
 
 
 def test_compare_at_the_same_rate() -> None:
-    compared = _compare(
+    compared = compare(
         _run(_step(50, True), _step(100, True), _step(150, False)),
         _run(_step(50, True, server_cpu_pct=9.0), _step(100, False)),
     )
