@@ -74,6 +74,10 @@ class Timings:
     # A broker that refuses our credentials goes on refusing them until someone fixes them: unlike
     # an outage, this is said at warning level for as long as it lasts, at most once per this long.
     login_warning_interval: float = 60.0
+    # Acknowledgements wait for a full batch (a quarter of the prefetch window) or this long, so
+    # a steady stream costs one basic.ack per batch rather than one per message; what is left when
+    # the stream stops goes by the next wake-up (at most safety_interval later).
+    ack_interval: float = 0.05
     # kombu's virtual transports poll their queues, once a second by default: too slow for the
     # in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
     memory_poll_interval: float = 0.02
@@ -193,6 +197,7 @@ class Consumer(ConsumerMixin):
         self._ack_every = max(1, prefetch // 4)
         self._unacked: Any = None  # the newest message not acknowledged yet
         self._unacked_count = 0
+        self._unacked_since = 0.0  # when the oldest of them was fanned out
         self._recent = RecentMessages(2 * prefetch)
         self.redelivered = 0  # messages the broker marked redelivered
         self.duplicates = 0  # of those, the ones already fanned out: dropped
@@ -424,11 +429,11 @@ class Consumer(ConsumerMixin):
         # would keep us from ever sending one and the broker would drop us; check once per safety
         # interval.
         conn = self._live
-        if self._unacked is not None:
-            # Called before each wait for the next message: what was fanned out is acknowledged
-            # before the consumer goes quiet, not a batch later.
-            self._ack()
         now = self._clock()
+        if self._unacked is not None and now - self._unacked_since >= self.timings.ack_interval:
+            # Called before each wait for the next message (kombu reads one at a time): a batch
+            # that has not filled up is acknowledged once its oldest message is ack_interval old.
+            self._ack()
         if conn is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.timings.safety_interval
             conn.heartbeat_check()
@@ -495,6 +500,8 @@ class Consumer(ConsumerMixin):
 
     def _acknowledge(self, message: Any) -> None:
         """Count ``message`` as done; acknowledge the batch when it is full."""
+        if not self._unacked_count:
+            self._unacked_since = self._clock()
         self._unacked = message
         self._unacked_count += 1
         if self._unacked_count >= self._ack_every:

@@ -337,23 +337,36 @@ def test_messages_are_acknowledged_in_batches_after_their_fan_out(
     def handler(key: str, body: bytes) -> None:
         order.append(f"fanout {body.decode()}")
 
-    consumer = Consumer("memory://", "ex", handler, prefetch=8)  # batches of 2
+    now = [100.0]
+    consumer = Consumer(
+        "memory://", "ex", handler, prefetch=8, clock=lambda: now[0]
+    )  # batches of 2, or whatever waited FAST_TIMINGS.ack_interval
     for tag in range(1, 6):
         consumer._deliver(Delivered(tag, "public.a.b", b"%d" % tag))
         order.append(f"acks {acks[-1:]}")
+        consumer.on_iteration()  # kombu calls it before reading the next message
     assert acks == [(2, True), (4, True)]
     assert order[:4] == ["fanout 1", "acks []", "fanout 2", "acks [(2, True)]"]
-    consumer.on_iteration()  # before waiting for more: the rest of the batch goes
+    now[0] += FAST_TIMINGS.ack_interval * 0.9
+    consumer.on_iteration()  # not yet: a steady stream is not acknowledged message by message
+    assert len(acks) == 2
+    now[0] += FAST_TIMINGS.ack_interval * 0.2
+    consumer.on_iteration()  # the oldest unacknowledged is ack_interval old: the rest goes
     assert acks == [(2, True), (4, True), (5, True)]
+    now[0] += 10.0
     consumer.on_iteration()
     assert len(acks) == 3  # nothing left to acknowledge
+    consumer._deliver(Delivered(6, "public.a.b", b"6"))
+    consumer.on_iteration()  # a new batch's clock starts at its first message, not the last ack
+    assert len(acks) == 3
 
 
 def test_a_redelivered_message_already_fanned_out_is_dropped_and_counted(
     acks: list[tuple[int, bool]],
 ) -> None:
     received = Recorder()
-    consumer = Consumer("memory://", "ex", received, prefetch=100)
+    now = [100.0]
+    consumer = Consumer("memory://", "ex", received, prefetch=100, clock=lambda: now[0])
     consumer._deliver(Delivered(1, "public.a.b", b'{"n":1}'))
     consumer._deliver(Delivered(2, "public.a.b", b'{"n":2}'))
     # The connection died before the acknowledgement: the broker pushes both again, then 3,
@@ -363,6 +376,7 @@ def test_a_redelivered_message_already_fanned_out_is_dropped_and_counted(
     consumer._deliver(Delivered(3, "public.a.b", b'{"n":3}', redelivered=True))
     assert [body for _, body in received.calls] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
     assert (consumer.redelivered, consumer.duplicates) == (3, 2)
+    now[0] += 2 * FAST_TIMINGS.ack_interval
     consumer.on_iteration()
     assert acks[-1] == (3, True)  # the dropped ones are acknowledged too
 
