@@ -545,6 +545,23 @@ class Config:
         "seconds a worker's broker queue outlives its consumer (x-expires): a broker connection"
         " back within it loses no message",
     )
+    # "subscribed" changes nothing a client or publisher sees: only the queues' bindings, which
+    # an operator sees on the RabbitMQ dashboard (README, Broker-side routing).
+    broker_routing: str = _setting(
+        "RANGER_BROKER_ROUTING",
+        "subscribed",
+        _Choice({"subscribed": "subscribed", "all": "all"}),
+        "subscribed: each worker's queue is bound only to the routing keys its clients' streams"
+        " need (and the order books'); all: bound to # and every worker receives everything"
+        " (as Ranger and Rango)",
+    )
+    broker_unbind_delay: int = _setting(
+        "RANGER_BROKER_UNBIND_DELAY",
+        30,
+        _Integer(0, 86400),
+        "seconds a binding stays after the last local subscriber of its stream left, so that"
+        " clients coming and going do not make a worker bind and unbind all the time",
+    )
     broker_prefetch: int = _setting(
         "RANGER_BROKER_PREFETCH",
         1000,

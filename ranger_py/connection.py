@@ -28,6 +28,10 @@ __all__ = ["Connection", "ConnectionMetrics", "Tokens"]
 
 log = logging.getLogger(__name__)
 
+# Requests a client may send while its subscribe request waits for the broker (a few ms): more
+# is a client that does not wait for answers, closed as one that does not read them would be.
+_MAX_HELD = 16
+
 
 class ConnectionMetrics(Protocol):
     """Where connections are counted (ranger_py.metrics.WorkerMetrics)."""
@@ -56,7 +60,7 @@ class Tokens:
 class Connection(WebSocket):
     """A client of the gateway: authenticated (or not) at connect, renewed by ``auth``."""
 
-    __slots__ = ("_metrics", "_router", "_tokens", "auth", "path")
+    __slots__ = ("_held", "_metrics", "_router", "_tokens", "auth", "path")
 
     def __init__(
         self,
@@ -76,6 +80,9 @@ class Connection(WebSocket):
         self._router = router
         self._metrics = metrics
         self._tokens = tokens
+        # While a subscribe request waits for its bindings: the client's later messages, to be
+        # answered in order once it is.
+        self._held: list[str | bytes] | None = None
 
     def open(self, streams: list[str]) -> None:
         """Greet the client: its ``?stream=`` subscription's reply, flushed with the 101."""
@@ -100,13 +107,46 @@ class Connection(WebSocket):
         )
 
     def subscribe(self, streams: list[str]) -> None:
-        """Subscribe as a ``subscribe`` request would (the ``?stream=`` list at connect)."""
+        """Subscribe as a ``subscribe`` request would (the ``?stream=`` list at connect).
+
+        A stream whose messages the worker's queue is not bound to yet is subscribed (and the
+        request answered) once the broker has confirmed the binding: PROTOCOL §5's promise
+        that what is published after the reply arrives.
+        """
+        router = self._router
+        keys = router.unbound_keys(self, streams)
+        if keys:
+            self._held = []
+            router.when_bound(keys, lambda: self._bound(streams))
+            return
+        self._subscribe_now(streams)
+
+    def _bound(self, streams: list[str]) -> None:
+        """The bindings of a waiting subscribe request are in place: answer it, then the rest."""
+        held, self._held = self._held or [], None
+        if self.state is not State.OPEN:
+            return  # closed meanwhile: the router must not take it back
+        self._subscribe_now(streams)
+        for index, data in enumerate(held):
+            if self._held is not None:  # waits again
+                self._held.extend(held[index:])
+                break
+            self.on_message(data)
+
+    def _subscribe_now(self, streams: list[str]) -> None:
         try:
             self.send_many(self._router.subscribe(self, streams))
         except ClientError as exc:
             self.send(exc.reply)
 
     def on_message(self, data: str | bytes) -> None:
+        held = self._held
+        if held is not None:
+            if len(held) >= _MAX_HELD:
+                self.close(CloseCode.POLICY_VIOLATION, "too many requests awaiting a subscription")
+                return
+            held.append(data)
+            return
         # PROTOCOL §2: a binary frame is read as UTF-8 text.
         if isinstance(data, bytes):
             try:

@@ -27,11 +27,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kombu.connection import Connection
-from kombu.entity import Exchange, Queue
+from kombu.entity import Exchange, Queue, binding
 from kombu.exceptions import OperationalError
 from kombu.mixins import ConsumerMixin
 
-from ranger_py.amqp_adapter import ACCESS_REFUSED, keep_bodies_raw, reply_code, set_socket_timeout
+from ranger_py.amqp_adapter import (
+    ACCESS_REFUSED,
+    keep_bodies_raw,
+    listen_for_binding_replies,
+    reply_code,
+    send_binding,
+    set_socket_timeout,
+)
+from ranger_py.bindings import ALL_KEYS, Bindings
 from ranger_py.recent import RecentMessages
 
 __all__ = ["TIMINGS", "BrokerSettings", "Consumer", "MessageHandler", "Timings"]
@@ -39,8 +47,6 @@ __all__ = ["TIMINGS", "BrokerSettings", "Consumer", "MessageHandler", "Timings"]
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
-
-BINDING_KEY = "#"
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,11 @@ class Timings:
     Tests pass shorter ones so that they do not sleep through production's pauses.
     """
 
-    # How often the consume loop wakes up without traffic: bounds stop() latency and paces
-    # heartbeats. config.MIN_BROKER_HEARTBEAT relies on it being at most 1 s.
+    # How often heartbeats are checked. config.MIN_BROKER_HEARTBEAT relies on it being at most 1 s.
     safety_interval: float = 1.0
+    # The consume loop's longest wait for the next frame: how late an idle worker sends the
+    # binding that a subscribe request waits for, acknowledges the end of a batch or sees stop().
+    idle_wakeup: float = 0.05
     # A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this
     # long, so stop() is not held up for long by a broker that accepts TCP but never answers.
     connect_timeout: float = 3.0
@@ -76,7 +84,7 @@ class Timings:
     login_warning_interval: float = 60.0
     # Acknowledgements wait for a full batch (a quarter of the prefetch window) or this long, so
     # a steady stream costs one basic.ack per batch rather than one per message; what is left when
-    # the stream stops goes by the next wake-up (at most safety_interval later).
+    # the stream stops goes by the next wake-up (at most idle_wakeup later).
     ack_interval: float = 0.05
     # kombu's virtual transports poll their queues, once a second by default: too slow for the
     # in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
@@ -169,8 +177,11 @@ class Consumer(ConsumerMixin):
         prefetch: int = 1000,
         timings: Timings = TIMINGS,
         clock: Callable[[], float] = time.monotonic,
+        bindings: Bindings | None = None,
     ) -> None:
         """Set up the connection; nothing is opened before :meth:`run_forever`.
+
+        ``bindings`` are the queue's (ranger_py.bindings); by default ``#`` alone.
 
         ``queue_max_length``, ``heartbeat``, ``queue_expires`` (seconds) and ``prefetch`` are taken
         as ``config.Config`` checked them.
@@ -192,6 +203,9 @@ class Consumer(ConsumerMixin):
         self.queue_name = _queue_name()
         self.queue_expires = queue_expires
         self.prefetch = prefetch
+        self.bindings = Bindings(ALL_KEYS, 0.0) if bindings is None else bindings
+        self._declared: list[str] = []  # the keys bound by the last queue declaration
+        self._channel: Any = None  # the consuming channel, for binding changes
         # Acknowledged in batches (basic.ack with multiple): a quarter of the window at a time, so
         # the broker always has room to push more before the ack arrives.
         self._ack_every = max(1, prefetch // 4)
@@ -223,7 +237,12 @@ class Consumer(ConsumerMixin):
 
     @classmethod
     def from_config(
-        cls, config: BrokerSettings, on_message: MessageHandler, *, timings: Timings = TIMINGS
+        cls,
+        config: BrokerSettings,
+        on_message: MessageHandler,
+        *,
+        timings: Timings = TIMINGS,
+        bindings: Bindings | None = None,
     ) -> Consumer:
         return cls(
             config.amqp_url,
@@ -234,6 +253,7 @@ class Consumer(ConsumerMixin):
             queue_expires=config.queue_expires,
             prefetch=config.broker_prefetch,
             timings=timings,
+            bindings=bindings,
         )
 
     @property
@@ -258,7 +278,7 @@ class Consumer(ConsumerMixin):
         while not self.should_stop:
             self._session_consumed = False
             try:
-                for _ in self.consume(limit=None, safety_interval=timings.safety_interval):  # type: ignore[no-untyped-call]
+                for _ in self.consume(limit=None, safety_interval=timings.idle_wakeup):  # type: ignore[no-untyped-call]
                     pass
             except _StopRequestedError:
                 break
@@ -272,6 +292,8 @@ class Consumer(ConsumerMixin):
                 # A bug of ours or of kombu's: the consumer must outlive it.
                 log.exception("consumer failed; restarting in %.0f s", backoff)
                 self._failed("consumer error", exc, logged=True)
+            self._channel = None
+            self.bindings.lost()  # nothing is confirmed now; waiting subscriptions go ahead
             if self._session_consumed:
                 backoff = timings.backoff_min
             if not self.should_stop:
@@ -380,10 +402,11 @@ class Consumer(ConsumerMixin):
         # active consumer: after a silent loss, the broker may still hold the dead connection's
         # consumer for a few heartbeats; ours waits until that one is gone and its unacknowledged
         # messages are back in the queue, so everything arrives in order.
+        # Bound to what the worker's clients hold now (and the order books'), or to "#".
+        self._declared = self.bindings.declared()
         queue = Queue(  # type: ignore[no-untyped-call]
             self.queue_name,
-            exchange=self._exchange,
-            routing_key=BINDING_KEY,
+            bindings=[binding(self._exchange, routing_key=key) for key in self._declared],  # type: ignore[no-untyped-call]
             exclusive=False,
             auto_delete=False,
             durable=False,
@@ -407,6 +430,9 @@ class Consumer(ConsumerMixin):
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
     ) -> None:
         self._live = connection
+        self._channel = channel
+        listen_for_binding_replies(channel, self.bindings.confirmed)
+        self.bindings.consuming(self._declared)
         self._session_consumed = True
         self._state = (True, "consuming")
         self._login_warned_at = None  # a later refusal is news again
@@ -425,20 +451,31 @@ class Consumer(ConsumerMixin):
         self._state = (False, "stopping")
 
     def on_iteration(self) -> None:
+        # Called before each wait for the next frame: kombu reads one message at a time.
+        now = self._clock()
+        channel = self._channel
+        if channel is not None:
+            self._send_bindings(channel)  # what a subscribe request waits for goes out first
+        if self._unacked is not None and now - self._unacked_since >= self.timings.ack_interval:
+            # A batch that has not filled up is acknowledged once its oldest is ack_interval old.
+            self._ack()
         # kombu only checks heartbeats when a drain times out, so a steady stream of messages
         # would keep us from ever sending one and the broker would drop us; check once per safety
         # interval.
         conn = self._live
-        now = self._clock()
-        if self._unacked is not None and now - self._unacked_since >= self.timings.ack_interval:
-            # Called before each wait for the next message (kombu reads one at a time): a batch
-            # that has not filled up is acknowledged once its oldest message is ack_interval old.
-            self._ack()
         if conn is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.timings.safety_interval
             conn.heartbeat_check()
+            self.bindings.expire()  # the unbindings due go out with the next iteration
 
     # internals
+
+    def _send_bindings(self, channel: Any) -> None:
+        """Send the bindings changed since the last iteration; their replies come as they come."""
+        bindings = self.bindings
+        for bind, key in bindings.pending():
+            if send_binding(channel, bind, self.queue_name, self.exchange_name, key):
+                bindings.confirmed()  # a virtual channel binds in place
 
     def _abandon_if_stopping(self) -> None:
         if self.should_stop:

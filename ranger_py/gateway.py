@@ -24,6 +24,7 @@ import gevent
 
 from ranger_py.app import App
 from ranger_py.auth import Auth, Authenticator
+from ranger_py.bindings import ALL_KEYS, STATIC_KEYS, Bindings
 from ranger_py.clients import Clients, Limits
 from ranger_py.config import Config
 from ranger_py.connection import Connection, Tokens
@@ -49,11 +50,18 @@ class Gateway:
 
     def __init__(self, config: Config, authenticator: Authenticator) -> None:
         self.metrics = WorkerMetrics(drop_reasons=DROP_REASONS, resync_reasons=RESYNC_REASONS)
+        # RANGER_BROKER_ROUTING=subscribed: the queue follows what the router's clients hold.
+        self.bindings = Bindings(
+            STATIC_KEYS if config.broker_routing == "subscribed" else ALL_KEYS,
+            config.broker_unbind_delay,
+            on_unbound=self._unbound,
+        )
         self.router = Router(
             config.rbac,
             max_streams=config.max_streams,
             max_increments=config.orderbook_max_increments,
             on_change=self._subscription_changed,
+            bindings=self.bindings,
         )
         self.clients = Clients(Limits.from_config(config), hub_loop(), self.metrics)
         # RANGER_TOKEN_EXPIRY=ignore: no deadline is ever set, so the sweep finds nothing.
@@ -72,7 +80,9 @@ class Gateway:
         # transport instead of RabbitMQ.
         self.demo = WorkerFeed(config) if config.demo else None
         broker = config if self.demo is None else self.demo.broker
-        self.consumer = Consumer.from_config(broker, self.fanout.on_broker_message)
+        self.consumer = Consumer.from_config(
+            broker, self.fanout.on_broker_message, bindings=self.bindings
+        )
         self.accepting = True
         self._sweeper: Watcher | None = None
         self._consumer_greenlet: gevent.Greenlet | None = None
@@ -123,6 +133,9 @@ class Gateway:
     def auth_failed(self, reason: str) -> None:
         self.metrics.auth_failure(reason)
 
+    def _unbound(self, key: str) -> None:
+        self.router.unbound(key)
+
     def _subscription_changed(self, kind: StreamKind, stream: str, delta: int) -> None:
         self.metrics.subscription(kind.value, stream, delta)
 
@@ -153,7 +166,11 @@ class Gateway:
     def _sweep(self) -> None:
         consumer = self.consumer
         self.metrics.flush(
-            consumer.ready, consumer.reconnects, consumer.redelivered, consumer.duplicates
+            consumer.ready,
+            consumer.reconnects,
+            consumer.redelivered,
+            consumer.duplicates,
+            len(self.bindings),
         )
         # Token expiry is wall-clock time (exp); the socket timers run on the monotonic clock.
         self.clients.expire(time.time())

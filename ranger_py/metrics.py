@@ -186,6 +186,12 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self._bindings = Gauge(
+            "ranger_broker_bindings",
+            "Bindings of the workers' broker queues, as the broker confirmed them",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
         self._fanout = Histogram(
             "ranger_fanout_seconds",
             "Time to queue one broker message's frame for all its recipients",
@@ -283,6 +289,7 @@ class WorkerMetrics:
         broker_reconnects: int,
         broker_redelivered: int = 0,
         broker_duplicates: int = 0,
+        broker_bindings: int = 0,
     ) -> None:
         """Push what the hot path counted since the last call; about once a second."""
         if self.received:
@@ -308,6 +315,7 @@ class WorkerMetrics:
             self._fanout_counts = [0] * len(self._fanout_counts)
             self._fanout_sum = 0.0
         self._connected.set(1 if broker_connected else 0)
+        self._bindings.set(broker_bindings)
         if broker_reconnects > self._reconnects_seen:
             self._reconnects.inc(broker_reconnects - self._reconnects_seen)
             self._reconnects_seen = broker_reconnects

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from ranger_py.bindings import Bindings, binding_keys, book_topic
 from ranger_py.errors import InvalidStreamName, TooManyStreams
 from ranger_py.protocol import (
     StreamKind,
@@ -184,6 +185,8 @@ class Router:
         max_increments: most increments cached after one snapshot (PROTOCOL §6).
         on_change: called with (kind, stream, +1 or -1) whenever a client joins or leaves a
             stream, for the subscription gauges; the stream is named as the client named it.
+        bindings: the worker queue's bindings (``RANGER_BROKER_ROUTING=subscribed``), held for
+            every subscription; None when the queue takes everything.
     """
 
     def __init__(
@@ -192,8 +195,10 @@ class Router:
         max_streams: int = 100,
         max_increments: int = 10000,
         on_change: Callable[[StreamKind, str, int], None] | None = None,
+        bindings: Bindings | None = None,
     ) -> None:
         self._on_change = on_change
+        self._bindings = bindings
         self._rbac = rbac
         self._max_streams = max_streams
         self._max_increments = max_increments
@@ -262,6 +267,9 @@ class Router:
                 members.add(client)
                 if self._on_change is not None:
                     self._on_change(kind, name, 1)
+                if self._bindings is not None:
+                    for binding in binding_keys(kind, name, auth.uid):
+                        self._bindings.hold(binding)
         frames.append(subscribed_reply(_listing(held) if held is not None else []))
         return frames
 
@@ -292,6 +300,43 @@ class Router:
         for name, kind in held.items():
             self._leave(client, uid, name, kind)
 
+    def unbound_keys(self, client: Subscriber, streams: Iterable[str]) -> list[str]:
+        """The bindings a subscribe request for ``streams`` must wait for before it is answered
+        (none: answer now), so that what is published after the reply reaches ``client``.
+
+        Only streams the request would add count: held ones, invalid names, private streams
+        of an anonymous client and prefixed streams its role may not read bind nothing.
+        """
+        bindings = self._bindings
+        if bindings is None or not bindings.connected:
+            return []
+        held = self._clients.get(client, {})
+        auth = client.auth
+        keys: list[str] = []
+        for name in streams:
+            if not name or name in held or not valid_stream_name(name):
+                continue
+            kind = stream_kind(name)
+            if kind is _PRIVATE and not auth.uid:
+                continue
+            if kind is _PREFIXED and auth.role not in self._rbac.get(name[: name.index(".")], ()):
+                continue
+            keys.extend(binding_keys(kind, name, auth.uid))
+        return bindings.missing(keys)
+
+    def when_bound(self, keys: list[str], callback: Callable[[], None]) -> None:
+        """Call ``callback`` once ``keys`` (from :meth:`unbound_keys`) are bound."""
+        assert self._bindings is not None  # unbound_keys found keys to wait for
+        self._bindings.wait(keys, callback)
+
+    def unbound(self, key: str) -> None:
+        """The queue no longer receives ``key``: an order book it fed would go stale."""
+        topic = book_topic(key)
+        if topic is not None and topic not in self._topics:
+            self._books.pop(topic, None)
+            self._sequences.pop(topic, None)
+            self._broken.discard(topic)
+
     def streams(self, client: Subscriber) -> list[str]:
         """The streams ``client`` holds, in reply order."""
         held = self._clients.get(client)
@@ -300,6 +345,9 @@ class Router:
     def _leave(self, client: Subscriber, uid: str, name: str, kind: StreamKind) -> None:
         if self._on_change is not None:
             self._on_change(kind, name, -1)
+        if self._bindings is not None:
+            for binding in binding_keys(kind, name, uid):
+                self._bindings.release(binding)
         if kind is _PRIVATE:
             key = (uid, name)
             members = self._private.get(key)

@@ -75,6 +75,16 @@ class VhostAdmin:
         )
         return rows
 
+    def bindings(self, exchange: str) -> dict[str, set[str]]:
+        """Queue name -> the routing keys it is bound to on ``exchange``."""
+        bound: dict[str, set[str]] = {}
+        for row in self._list(
+            "list_bindings", "source_name", "destination_name", "destination_kind", "routing_key"
+        ):
+            if row["source_name"] == exchange and row["destination_kind"] == "queue":
+                bound.setdefault(row["destination_name"], set()).add(row["routing_key"])
+        return bound
+
     def consuming_queues(self, exchange: str) -> int:
         """Queues bound to ``exchange`` that have a consumer: one per ready server worker."""
         bound = {

@@ -34,7 +34,7 @@ import pytest
 from amqp import spec
 from amqp.basic_message import Message as AmqpMessage
 from amqp.exceptions import error_for_code
-from amqp.serialization import dumps
+from amqp.serialization import dumps, loads
 from amqp.transport import TCPTransport
 from gunicorn import systemd
 from gunicorn.app.base import BaseApplication
@@ -415,6 +415,56 @@ def test_amqp_channel_auto_decode_is_read_on_each_delivery() -> None:
         amqp_adapter.keep_bodies_raw(channel)  # on a channel already open, as consumer.py does
         one_delivery()
         assert delivered == ["café", "café".encode()]
+
+
+def test_amqp_binding_replies_reach_a_listener_while_nobody_waits_for_them() -> None:
+    with amqp_relies("AbstractChannel._callbacks, consulted by dispatch_method for bind-ok"):
+        conn = pyamqp.Transport.Connection(host="127.0.0.1:1")  # never connected
+        channel = pyamqp.Transport.Connection.Channel(conn, channel_id=1)
+        replies: list[str] = []
+        assert amqp_adapter.listen_for_binding_replies(channel, lambda: replies.append("ok"))
+        channel.dispatch_method(spec.Queue.BindOk, b"", None)
+        channel.dispatch_method(spec.Queue.UnbindOk, b"", None)
+        assert replies == ["ok", "ok"]
+
+
+def test_amqp_send_binding_writes_what_queue_bind_writes_without_waiting() -> None:
+    with amqp_relies("Channel.send_method writes one frame; queue.bind/unbind argument layouts"):
+        conn = pyamqp.Transport.Connection(host="127.0.0.1:1")  # never connected
+        channel = pyamqp.Transport.Connection.Channel(conn, channel_id=1)
+        frames: list[tuple[object, bytes]] = []
+        channel.connection = SimpleNamespace(
+            frame_writer=lambda kind, chan, sig, args, content: frames.append((sig, args))
+        )
+        assert not amqp_adapter.send_binding(channel, True, "q", "ex", "*.m.trades")
+        channel.queue_bind("q", "ex", "*.m.trades", nowait=True)  # py-amqp's own
+        amqp_adapter.send_binding(channel, False, "q", "ex", "*.m.trades")
+        channel.queue_unbind("q", "ex", "*.m.trades", nowait=True)
+        (ours, args), (theirs, their_args), unbind, their_unbind = frames
+        assert ours == theirs == spec.Queue.Bind
+        # The same fields but the nowait bit: ours asks for the bind-ok.
+        assert loads("BsssbF", args, 0)[0] == [0, "q", "ex", "*.m.trades", False, {}]
+        assert loads("BsssbF", their_args, 0)[0] == [0, "q", "ex", "*.m.trades", True, {}]
+        assert unbind == their_unbind
+        assert unbind[0] == spec.Queue.Unbind
+
+
+def test_kombu_memory_channel_binds_in_place() -> None:
+    with (
+        kombu_relies("virtual Channel.queue_bind/queue_unbind take effect at once"),
+        KombuConnection("memory://") as conn,
+    ):
+        channel = conn.channel()
+        exchange = f"probe.{os.getpid()}.{time.monotonic_ns()}"
+        channel.exchange_declare(exchange, "topic")
+        channel.queue_declare(exchange)
+        assert amqp_adapter.send_binding(channel, True, exchange, exchange, "*.m.trades")
+        channel.basic_publish(channel.prepare_message(b"1"), exchange, "public.m.trades")
+        assert channel.basic_get(exchange) is not None
+        assert amqp_adapter.send_binding(channel, False, exchange, exchange, "*.m.trades")
+        channel.basic_publish(channel.prepare_message(b"2"), exchange, "public.m.trades")
+        assert channel.basic_get(exchange) is None
+        assert not amqp_adapter.listen_for_binding_replies(channel, lambda: None)
 
 
 def test_amqp_access_refused_carries_reply_code_403() -> None:

@@ -19,6 +19,7 @@ import pytest
 from kombu.connection import Connection
 from kombu.entity import Exchange
 
+from ranger_py.bindings import STATIC_KEYS, Bindings
 from ranger_py.config import MIN_BROKER_HEARTBEAT
 from ranger_py.consumer import TIMINGS, Consumer, Timings
 from tests.consumer_support import FAST_TIMINGS, Recorder, running, wait_for
@@ -112,8 +113,8 @@ def test_queue_outlives_its_connection_is_found_again_and_is_bounded() -> None:
     assert queue.name == again.name == consumer.queue_name
     assert queue.name.startswith("ranger-py.")
     assert (queue.exclusive, queue.auto_delete, queue.durable) == (False, False, False)
-    assert queue.routing_key == "#"
-    assert queue.exchange.name == "ex"
+    # By default bound to everything, as Ranger and Rango (RANGER_BROKER_ROUTING=all).
+    assert [(b.exchange.name, b.routing_key) for b in queue.bindings] == [("ex", "#")]
     assert queue.queue_arguments == {
         "x-max-length": 123,
         "x-overflow": "drop-head",
@@ -399,3 +400,36 @@ def test_a_message_the_handler_fails_on_is_acknowledged_all_the_same(
     consumer._deliver(Delivered(1, "public.bad.x", b"{}"))
     consumer._deliver(Delivered(2, "public.a.b", b"{}"))
     assert acks == [(2, True)]
+
+
+# bindings (ranger_py.bindings): what the consumer sends, on kombu's in-memory transport
+
+
+def test_the_queue_is_bound_to_what_is_held_and_unbound_when_it_is_let_go() -> None:
+    clock = [0.0]
+    bindings = Bindings(STATIC_KEYS, unbind_delay=5.0, clock=lambda: clock[0])
+    received = Recorder()
+    consumer = memory_consumer(received, bindings=bindings)
+    exchange = consumer.exchange_name
+    with running(consumer):
+        wait_for(lambda: consumer.ready, what="consuming")
+        assert len(bindings) == len(STATIC_KEYS)
+        bindings.hold("*.m.trades")
+        wait_for(lambda: not bindings.missing(["*.m.trades"]), what="the binding")
+        memory_publish(
+            exchange,
+            ("public.other.trades", "0"),  # bound by nobody: never arrives
+            ("public.m.trades", "1"),
+            ("public.any.ob-inc", "2"),  # the order books' keys are always bound
+        )
+        assert received.wait_for_count(2) == [
+            ("public.m.trades", b"1"),
+            ("public.any.ob-inc", b"2"),
+        ]
+        bindings.release("*.m.trades")
+        clock[0] += 5.0  # the unbind delay passes; expiry is checked once per safety interval
+        wait_for(lambda: len(bindings) == len(STATIC_KEYS), what="the unbinding")
+        memory_publish(exchange, ("public.m.trades", "3"), ("public.any.ob-snap", "4"))
+        assert received.wait_for_count(3)[-1] == ("public.any.ob-snap", b"4")
+    assert ("public.m.trades", b"3") not in received.calls
+    assert ("public.other.trades", b"0") not in received.calls

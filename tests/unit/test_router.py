@@ -14,6 +14,7 @@ import pytest
 
 from ranger_py import errors
 from ranger_py.auth import Auth
+from ranger_py.bindings import STATIC_KEYS, Bindings
 from ranger_py.protocol import Request, StreamKind, parse_request
 from ranger_py.router import DROP_REASONS, RESYNC_REASONS, Delivery, Dropped, Resync, Router
 from tests.router_view import cached_book, cached_books, subscribed_clients, subscription_counts
@@ -1038,3 +1039,57 @@ def test_the_longest_routable_names_are_accepted() -> None:
     longest = "m." + "z" * 253  # 255 bytes, as long as a routing key may be
     multibyte = "ü" * 126 + ".x"  # 254 + 2 bytes would not fit; 252 + 2 do
     assert router.subscribe(client, [longest, multibyte]) == [subscribed(longest, multibyte)]
+
+
+# -- bindings (RANGER_BROKER_ROUTING=subscribed) ----------------------------------------------
+
+
+def _bound_router() -> tuple[Router, Bindings]:
+    bindings = Bindings(STATIC_KEYS, unbind_delay=0.0)
+    bindings.consuming(bindings.declared())
+    router = Router({"admin": frozenset({"superadmin"})}, bindings=bindings)
+    return router, bindings
+
+
+def test_a_subscription_holds_its_keys_and_a_removal_lets_them_go() -> None:
+    router, bindings = _bound_router()
+    alice = Client(uid="IDA")
+    router.subscribe(alice, ["btcusd.trades", "order", "trade", "btcusd.ob-inc"])
+    # One key per public stream, one for all of a user's private streams, none for the books.
+    assert sorted(key for _, key in bindings.pending()) == ["*.btcusd.trades", "private.IDA.*"]
+    router.remove(alice)
+    bindings.expire()
+    assert sorted(bindings.pending()) == [(False, "*.btcusd.trades"), (False, "private.IDA.*")]
+
+
+def test_only_streams_the_request_would_add_wait_for_a_binding() -> None:
+    router, bindings = _bound_router()
+    anonymous, admin = Client(), Client(uid="IDB", role="superadmin")
+    # Anonymous private streams, refused prefixed ones, invalid names and books bind nothing.
+    assert router.unbound_keys(anonymous, ["order", "admin.m.sys", "\ud800", "m.ob-inc"]) == []
+    assert router.unbound_keys(admin, ["admin.m.sys", "order"]) == ["admin.m.sys", "private.IDB.*"]
+    router.subscribe(anonymous, ["m.trades"])
+    for _ in bindings.pending():
+        bindings.confirmed()
+    assert router.unbound_keys(anonymous, ["m.trades"]) == []  # held already
+    assert router.unbound_keys(Client(), ["m.trades"]) == []  # bound already
+
+
+def test_no_wait_without_bindings_or_while_the_broker_is_away() -> None:
+    assert Router({}).unbound_keys(Client(), ["m.trades"]) == []
+    router, bindings = _bound_router()
+    bindings.lost()
+    assert router.unbound_keys(Client(), ["m.trades"]) == []
+
+
+def test_an_unbound_key_drops_the_order_book_it_fed_once_nobody_reads_it() -> None:
+    router, _ = _bound_router()
+    publish(router, "public.m.x-snap", '{"sequence":1}')
+    reader = Client()
+    router.subscribe(reader, ["m.x-inc"])
+    router.unbound("public.m.x-inc")  # e.g. a prefixed "public.m.x-inc" stream let go of it
+    assert cached_book(router, "m.x-inc") != []  # still read: still fed by "*.m.x-inc"
+    router.remove(reader)
+    router.unbound("*.m.x-snap")
+    assert cached_book(router, "m.x-inc") == []
+    router.unbound("*.m.trades")  # feeds no book: nothing happens
