@@ -18,13 +18,15 @@ class Clock:
         return self.now
 
 
-def _bindings(delay: float = 30.0, static: tuple[str, ...] = STATIC_KEYS) -> tuple[Bindings, Clock]:
+def _bindings(
+    delay: float = 30.0, static: tuple[str, ...] = STATIC_KEYS
+) -> tuple[Bindings, Clock, list[str]]:
+    """Bindings consuming on a first connection, their clock, and the keys they said unbound."""
     clock = Clock()
     unbound: list[str] = []
     bindings = Bindings(static, delay, on_unbound=unbound.append, clock=clock)
-    bindings.unbound = unbound  # type: ignore[attr-defined]
     bindings.consuming(bindings.declared())
-    return bindings, clock
+    return bindings, clock, unbound
 
 
 def _reply_all(bindings: Bindings) -> list[tuple[bool, str]]:
@@ -76,20 +78,20 @@ def test_the_order_book_a_key_feeds(key: str, topic: str | None) -> None:
 
 
 def test_order_book_keys_and_everything_under_all_need_no_binding_of_their_own() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     assert bindings.covered("public.btcusd.ob-inc")
     assert bindings.covered("global.btcusd.ob-snap")
     assert bindings.covered("*.btcusd.ob-inc")  # a public stream's keys: public. and global.
     assert not bindings.covered("*.btcusd.x-inc")
     assert not bindings.covered("public.btcusd.trades")
-    everything, _ = _bindings(static=ALL_KEYS)
+    everything, _, _ = _bindings(static=ALL_KEYS)
     assert everything.covered("*.btcusd.trades") and everything.covered("private.U.*")
     everything.hold("*.btcusd.trades")
     assert everything.pending() == [] and everything.missing(["private.U.*"]) == []
 
 
 def test_the_first_hold_binds_and_the_others_only_count() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     bindings.hold("*.btcusd.trades")
     bindings.hold("*.btcusd.trades")
     assert bindings.missing(["*.btcusd.trades"]) == ["*.btcusd.trades"]
@@ -99,7 +101,7 @@ def test_the_first_hold_binds_and_the_others_only_count() -> None:
 
 
 def test_the_last_release_unbinds_only_after_the_delay() -> None:
-    bindings, clock = _bindings(delay=30.0)
+    bindings, clock, unbound = _bindings(delay=30.0)
     bindings.hold("*.m.e")
     _reply_all(bindings)
     bindings.release("*.m.e")
@@ -109,12 +111,12 @@ def test_the_last_release_unbinds_only_after_the_delay() -> None:
     clock.now += 1.0
     bindings.expire()
     assert _reply_all(bindings) == [(False, "*.m.e")]
-    assert bindings.unbound == ["*.m.e"]  # type: ignore[attr-defined]
+    assert unbound == ["*.m.e"]
     assert len(bindings) == len(STATIC_KEYS)
 
 
 def test_a_key_held_again_within_the_delay_is_never_unbound() -> None:
-    bindings, clock = _bindings(delay=30.0)
+    bindings, clock, _ = _bindings(delay=30.0)
     bindings.hold("*.m.e")
     _reply_all(bindings)
     bindings.release("*.m.e")
@@ -127,7 +129,7 @@ def test_a_key_held_again_within_the_delay_is_never_unbound() -> None:
 
 
 def test_a_waiting_request_goes_ahead_when_its_last_key_is_confirmed() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     answered: list[str] = []
     keys = bindings.missing(["*.a.x", "*.b.x"])
     bindings.wait(keys, lambda: answered.append("subscribed"))
@@ -139,7 +141,7 @@ def test_a_waiting_request_goes_ahead_when_its_last_key_is_confirmed() -> None:
 
 
 def test_the_wait_holds_its_keys_until_the_subscription_takes_them() -> None:
-    bindings, clock = _bindings(delay=0.0)
+    bindings, clock, _ = _bindings(delay=0.0)
 
     def subscribe() -> None:
         bindings.hold("*.a.x")  # what the router does for the new subscription
@@ -153,7 +155,7 @@ def test_the_wait_holds_its_keys_until_the_subscription_takes_them() -> None:
 
 
 def test_a_request_refused_after_its_wait_lets_the_key_go() -> None:
-    bindings, clock = _bindings(delay=5.0)
+    bindings, clock, _ = _bindings(delay=5.0)
     bindings.wait(bindings.missing(["*.a.x"]), lambda: None)  # e.g. too many streams
     _reply_all(bindings)
     clock.now += 5.0
@@ -162,7 +164,7 @@ def test_a_request_refused_after_its_wait_lets_the_key_go() -> None:
 
 
 def test_unbind_then_bind_again_is_bound_only_by_the_later_reply() -> None:
-    bindings, _ = _bindings(delay=0.0)
+    bindings, _, _ = _bindings(delay=0.0)
     bindings.hold("*.a.x")
     _reply_all(bindings)
     bindings.release("*.a.x")
@@ -178,18 +180,18 @@ def test_unbind_then_bind_again_is_bound_only_by_the_later_reply() -> None:
 
 
 def test_an_unbind_not_sent_yet_is_cancelled_by_a_new_hold() -> None:
-    bindings, _ = _bindings(delay=0.0)
+    bindings, _, unbound = _bindings(delay=0.0)
     bindings.hold("*.a.x")
     _reply_all(bindings)
     bindings.release("*.a.x")
     bindings.expire()  # scheduled, not sent
     bindings.hold("*.a.x")
     assert bindings.pending() == [(True, "*.a.x")]  # idempotent at the broker
-    assert bindings.unbound == []  # type: ignore[attr-defined]
+    assert unbound == []
 
 
 def test_nothing_waits_while_the_broker_connection_is_down() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     bindings.lost()
     bindings.hold("*.a.x")
     assert bindings.missing(["*.a.x"]) == []
@@ -198,7 +200,7 @@ def test_nothing_waits_while_the_broker_connection_is_down() -> None:
 
 
 def test_a_lost_connection_lets_every_waiting_request_go_ahead() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     answered: list[int] = []
     bindings.wait(bindings.missing(["*.a.x"]), lambda: answered.append(1))
     bindings.wait(bindings.missing(["*.a.x", "*.b.x"]), lambda: answered.append(2))
@@ -208,7 +210,7 @@ def test_a_lost_connection_lets_every_waiting_request_go_ahead() -> None:
 
 
 def test_a_new_connection_declares_exactly_the_wanted_keys_and_unbinds_the_rest() -> None:
-    bindings, clock = _bindings(delay=0.0)
+    bindings, clock, _ = _bindings(delay=0.0)
     for key in ("*.a.x", "*.b.x", "*.c.x"):
         bindings.hold(key)
     _reply_all(bindings)
@@ -228,7 +230,7 @@ def test_a_new_connection_declares_exactly_the_wanted_keys_and_unbinds_the_rest(
 
 
 def test_a_key_released_while_the_queue_was_declared_is_unbound_once_consuming() -> None:
-    bindings, clock = _bindings(delay=0.0)
+    bindings, clock, _ = _bindings(delay=0.0)
     bindings.hold("*.a.x")
     _reply_all(bindings)
     bindings.lost()
@@ -242,6 +244,6 @@ def test_a_key_released_while_the_queue_was_declared_is_unbound_once_consuming()
 
 
 def test_a_reply_that_is_not_ours_changes_nothing() -> None:
-    bindings, _ = _bindings()
+    bindings, _, _ = _bindings()
     bindings.confirmed()  # nothing sent
     assert len(bindings) == len(STATIC_KEYS)

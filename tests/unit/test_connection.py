@@ -18,6 +18,7 @@ import gevent.socket
 import pytest
 
 from ranger_py.auth import ANONYMOUS, Auth, Authenticator
+from ranger_py.bindings import STATIC_KEYS, Bindings
 from ranger_py.clients import Clients, Limits
 from ranger_py.connection import Connection, Tokens
 from ranger_py.handshake import switching_protocols
@@ -69,9 +70,11 @@ class RecordingSocket:
 class Worker:
     """The parts a connection talks to, as the gateway wires them."""
 
-    def __init__(self, max_streams: int = 100) -> None:
+    def __init__(self, max_streams: int = 100, bindings: Bindings | None = None) -> None:
         self.metrics = Counts()
-        self.router = Router({"admin": frozenset({"admin"})}, max_streams=max_streams)
+        self.router = Router(
+            {"admin": frozenset({"admin"})}, max_streams=max_streams, bindings=bindings
+        )
         self.clients = Clients(
             Limits(client_rate=1e9, client_burst=1_000_000_000),
             gevent.get_hub().loop,
@@ -339,3 +342,73 @@ def test_the_open_and_close_log_lines_carry_path_and_uid(
         f"connection {m} open path=/ uid=-",
         f"connection {m} closed path=/ uid=-: connection lost",
     ]
+
+
+# -- subscriptions that wait for the broker (RANGER_BROKER_ROUTING=subscribed) ----------------
+
+
+@pytest.fixture
+def bound() -> Iterator[tuple[Worker, Bindings]]:
+    bindings = Bindings(STATIC_KEYS, unbind_delay=30.0)
+    bindings.consuming(bindings.declared())  # the consumer is consuming
+    made = Worker(bindings=bindings)
+    yield made, bindings
+    made.close()
+
+
+def broker_confirms(bindings: Bindings) -> None:
+    """What the consumer does on its next iteration, and the broker's replies."""
+    for _ in bindings.pending():
+        bindings.confirmed()
+
+
+def nothing_arrives(peer: Peer) -> None:
+    peer.sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        peer.frame()
+    peer.sock.settimeout(5)
+
+
+def test_a_subscribe_needing_a_binding_is_answered_once_the_broker_confirms_it(
+    bound: tuple[Worker, Bindings],
+) -> None:
+    worker, bindings = bound
+    conn, peer = worker.connect()
+    assert peer.frame() == subscribed()
+    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    peer.sock.sendall(masked(0x1, b"ping"))  # held behind it
+    nothing_arrives(peer)
+    assert worker.router.streams(conn) == []  # not subscribed before the binding is there
+    broker_confirms(bindings)
+    assert [peer.frame(), peer.frame()] == [subscribed("m.trades"), text(b"pong")]
+    # Bound now: the next client's subscription is answered at once.
+    _, other = worker.connect(["m.trades"])
+    assert other.frame() == subscribed("m.trades")
+
+
+def test_a_client_that_does_not_wait_for_its_reply_is_closed_with_1008(
+    bound: tuple[Worker, Bindings],
+) -> None:
+    worker, _ = bound
+    _, peer = worker.connect()
+    assert peer.frame() == subscribed()
+    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    for _ in range(17):
+        peer.sock.sendall(masked(0x1, b"ping"))
+    code, payload = peer.frame()
+    assert (code, payload[:2]) == (0x8, struct.pack("!H", 1008))
+    assert b"awaiting a subscription" in payload
+
+
+def test_a_connection_closed_while_it_waits_is_never_subscribed(
+    bound: tuple[Worker, Bindings],
+) -> None:
+    worker, bindings = bound
+    conn, peer = worker.connect()
+    assert peer.frame() == subscribed()
+    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    nothing_arrives(peer)
+    conn.abort("test")
+    wait_closed(conn)
+    broker_confirms(bindings)
+    assert worker.router.streams(conn) == []
