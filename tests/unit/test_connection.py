@@ -362,6 +362,14 @@ def broker_confirms(bindings: Bindings) -> None:
         bindings.confirmed()
 
 
+def waiting_subscriber(worker: Worker) -> tuple[Connection, Peer]:
+    """A client that has asked for a stream whose binding the broker has not confirmed."""
+    conn, peer = worker.connect()
+    assert peer.frame() == subscribed()
+    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    return conn, peer
+
+
 def nothing_arrives(peer: Peer) -> None:
     peer.sock.settimeout(0.2)
     with pytest.raises(TimeoutError):
@@ -373,9 +381,7 @@ def test_a_subscribe_needing_a_binding_is_answered_once_the_broker_confirms_it(
     bound: tuple[Worker, Bindings],
 ) -> None:
     worker, bindings = bound
-    conn, peer = worker.connect()
-    assert peer.frame() == subscribed()
-    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    conn, peer = waiting_subscriber(worker)
     peer.sock.sendall(masked(0x1, b"ping"))  # held behind it
     nothing_arrives(peer)
     assert worker.router.streams(conn) == []  # not subscribed before the binding is there
@@ -390,9 +396,7 @@ def test_a_client_that_does_not_wait_for_its_reply_is_closed_with_1008(
     bound: tuple[Worker, Bindings],
 ) -> None:
     worker, _ = bound
-    _, peer = worker.connect()
-    assert peer.frame() == subscribed()
-    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    _, peer = waiting_subscriber(worker)
     for _ in range(17):
         peer.sock.sendall(masked(0x1, b"ping"))
     code, payload = peer.frame()
@@ -404,9 +408,7 @@ def test_a_connection_closed_while_it_waits_is_never_subscribed(
     bound: tuple[Worker, Bindings],
 ) -> None:
     worker, bindings = bound
-    conn, peer = worker.connect()
-    assert peer.frame() == subscribed()
-    peer.sock.sendall(masked(0x1, b'{"event":"subscribe","streams":["m.trades"]}'))
+    conn, peer = waiting_subscriber(worker)
     nothing_arrives(peer)
     conn.abort("test")
     wait_closed(conn)
