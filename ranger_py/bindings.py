@@ -45,6 +45,8 @@ _SNAP: Final = "-snap"
 _INC: Final = "-inc"
 # AMQP short strings: a longer key can be neither bound nor published.
 _MAX_KEY_BYTES: Final = 255
+# Keys whose coverage by the static bindings is remembered; clients name them, so it is bounded.
+_COVERED_CACHE_SIZE: Final = 4096
 
 
 def binding_keys(kind: StreamKind, name: str, uid: str) -> tuple[str, ...]:
@@ -134,19 +136,32 @@ class Bindings:
         self._bound: set[str] = set()  # confirmed by the broker on this connection
         self._stale: set[str] = set()  # may be bound in a queue that outlived its connection
         self._waiters: dict[str, list[_Waiter]] = {}
+        self._covered: dict[str, bool] = {}
         self.connected = False
 
     # -- what subscriptions need ---------------------------------------------------------------
 
     def covered(self, key: str) -> bool:
-        """Whether ``key`` needs no binding of its own.
+        """Whether ``key`` needs no binding of its own (asked on every subscribe: cached).
 
         A public stream's ``*.<m>.<e>`` stands for its ``public.`` and ``global.`` keys (the
         router drops the other scopes' messages for it): covered when both are.
         """
-        if key.startswith("*."):
-            rest = key[1:]
-            return self.covered("public" + rest) and self.covered("global" + rest)
+        known = self._covered.get(key)
+        if known is None:
+            if key.startswith("*."):
+                rest = key[1:]
+                known = self._covered_by_static("public" + rest) and self._covered_by_static(
+                    "global" + rest
+                )
+            else:
+                known = self._covered_by_static(key)
+            if len(self._covered) >= _COVERED_CACHE_SIZE:
+                self._covered.clear()
+            self._covered[key] = known
+        return known
+
+    def _covered_by_static(self, key: str) -> bool:
         return any(_covers(pattern, key) for pattern in self.static)
 
     def hold(self, key: str) -> None:
@@ -182,8 +197,7 @@ class Bindings:
         return [
             key
             for key in dict.fromkeys(keys)
-            if not (key in bound and key not in last_op and key not in todo)
-            and not self.covered(key)
+            if (key not in bound or key in last_op or key in todo) and not self.covered(key)
         ]
 
     def wait(self, keys: list[str], callback: Callable[[], None]) -> None:
