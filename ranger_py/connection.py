@@ -28,9 +28,10 @@ __all__ = ["Connection", "ConnectionMetrics", "Tokens"]
 
 log = logging.getLogger(__name__)
 
-# Requests a client may send while its subscribe request waits for the broker (a few ms): more
-# is a client that does not wait for answers, closed as one that does not read them would be.
-_MAX_HELD = 16
+# Requests a client may send while its subscribe request waits for the broker (a few ms): as
+# many as RANGER_CLIENT_BURST's default lets through at once (a frontend subscribing stream by
+# stream without waiting), at most 4 KiB each; more is a flood, closed with 1008.
+_MAX_HELD = 100
 
 
 class ConnectionMetrics(Protocol):

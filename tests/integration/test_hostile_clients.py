@@ -88,7 +88,13 @@ def test_a_subscribe_flood_from_a_client_that_does_not_read_is_a_slow_client(
     start_server: StartServer, connect: Connect
 ) -> None:
     server = start_server(
-        {"RANGER_SEND_QUEUE_BYTES": "65536", "RANGER_WRITE_TIMEOUT": "60", **NO_RATE_LIMIT},
+        {
+            "RANGER_SEND_QUEUE_BYTES": "65536",
+            "RANGER_WRITE_TIMEOUT": "60",
+            # Bound to everything: no request waits for a binding, each one is answered at once.
+            "RANGER_BROKER_ROUTING": "all",
+            **NO_RATE_LIMIT,
+        },
         name="subscribe-flood",
     )
     canary, stream = _canary(server, connect)
@@ -102,6 +108,25 @@ def test_a_subscribe_flood_from_a_client_that_does_not_read_is_a_slow_client(
     frames, code, reason = attacker.until_close()
     assert (code, reason) == (1008, b"slow client")
     assert 1 < len(frames) < 1000
+    _canary_gets(server, canary, stream, range(5))
+
+
+def test_a_flood_behind_a_subscribe_that_waits_for_the_broker_is_closed(
+    start_server: StartServer, connect: Connect
+) -> None:
+    server = start_server(NO_RATE_LIMIT, name="held-flood")
+    canary, stream = _canary(server, connect)
+    attacker = RawSocket(server.port)
+    assert attacker.frame() == (OPCODE_TEXT, subscribed().encode())
+    # New streams each time: the first request waits for its bindings, the rest are held.
+    for _ in range(1000):
+        names = [f"{unique()}.trades" for _ in range(30)]
+        attacker.send(
+            masked_frame(0x1, json.dumps({"event": "subscribe", "streams": names}).encode())
+        )
+    frames, code, reason = attacker.until_close()
+    assert (code, reason) == (1008, b"too many requests awaiting a subscription")
+    assert len(frames) < 1000
     _canary_gets(server, canary, stream, range(5))
 
 
@@ -125,7 +150,9 @@ def test_a_subscribe_flood_is_closed_past_the_burst(server: Server, connect: Con
     canary, stream = _canary(server, connect)
     attacker = RawSocket(server.port)
     assert attacker.frame() == (OPCODE_TEXT, subscribed().encode())
-    name = f"{unique()}.trades"
+    # The canary's stream: bound already, so every request is answered at once (a flood behind
+    # one that waits for its binding: test_a_flood_behind_a_subscribe_that_waits...).
+    name = stream
     request = masked_frame(0x1, json.dumps({"event": "subscribe", "streams": [name]}).encode())
     attacker.send(request * (DEFAULT_BURST + 50))
     frames, code, reason = attacker.until_close()

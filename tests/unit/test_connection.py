@@ -397,7 +397,7 @@ def test_a_client_that_does_not_wait_for_its_reply_is_closed_with_1008(
 ) -> None:
     worker, _ = bound
     _, peer = waiting_subscriber(worker)
-    for _ in range(17):
+    for _ in range(101):
         peer.sock.sendall(masked(0x1, b"ping"))
     code, payload = peer.frame()
     assert (code, payload[:2]) == (0x8, struct.pack("!H", 1008))
