@@ -6,6 +6,7 @@ picows, imports it inside its test.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections import Counter
@@ -32,6 +33,8 @@ from bench.exchange import (
     schedule,
     zipf,
 )
+from bench.procs import parse_owners
+from bench.publisher import Publisher
 from bench.routing import Bindings, matches, queue_worker
 from bench.verdicts import exchange_summary, routing_verdict
 
@@ -144,6 +147,49 @@ def test_every_body_is_json_with_ts_first_and_long_enough_to_count_as_data(kind:
     assert list(tickers)[1:] == market_names(100)
 
 
+class Channel:
+    """py-amqp's channel, as far as the publisher uses it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def basic_publish(self, message: Any, exchange: str, routing_key: str) -> None:
+        self.sent.append((routing_key, json.loads(message.body)))
+
+
+def test_the_exchange_publisher_keeps_each_feeds_schedule_and_its_books_in_sequence() -> None:
+    feeds = [
+        Feed("public.a.ob-inc", "inc", 40.0, "a", 0.0),
+        Feed("public.a.ob-snap", "snap", 8.0, "a", 0.01),
+        Feed("public.b.ob-inc", "inc", 20.0, "b", 0.02),
+        Feed("public.b.ob-snap", "snap", 0.5, "b", 1.5),  # not due in the step
+        Feed("public.a.trades", "trade", 30.0, "a", 0.005),
+    ]
+    wire = [[f.key, f.kind, f.rate, f.subject, f.phase] for f in feeds]
+    publisher = Publisher()
+    publisher.channel = channel = Channel()
+    first = publisher.exchange(
+        exchange="x", feeds=wire, markets=["a", "b"], duration=0.3, open_books=True
+    )
+    second = publisher.exchange(exchange="x", feeds=wire, markets=["a", "b"], duration=0.3)
+    assert first["opening_snapshots"] == 2 and second["opening_snapshots"] == 0
+    for reply in (first, second):
+        assert not reply["stopped_early"]
+        assert reply["by_key"] == {f.key: f.count(0.3) for f in feeds if f.count(0.3)}
+        assert reply["published"] == sum(f.count(0.3) for f in feeds)
+    assert [key for key, _ in channel.sent[:2]] == ["public.a.ob-snap", "public.b.ob-snap"]
+    for market in ("a", "b"):
+        last = None
+        for key, body in channel.sent:
+            if key == f"public.{market}.ob-inc":
+                assert last is not None and body["sequence"] == last + 1
+                last = body["sequence"]
+            elif key == f"public.{market}.ob-snap":
+                # A snapshot carries its book's last sequence: nothing lost, nothing twice.
+                assert last is None or body["sequence"] == last
+                last = body["sequence"]
+
+
 # -- topic matching --------------------------------------------------------------------------
 
 
@@ -203,6 +249,15 @@ def test_a_ranger_py_queue_names_its_worker() -> None:
     assert queue_worker("ranger-py.web-1.example.org.31337.deadbeef") == 31337
     assert queue_worker("ranger-py.host.notapid.deadbeef") is None
     assert queue_worker("amq.gen-JzTY20BRgKO") is None
+
+
+def test_ss_lines_give_each_clients_server_process() -> None:
+    out = (
+        '0 0 127.0.0.1:8080 127.0.0.1:40001 users:(("gunicorn",pid=11,fd=9))\n'
+        '0 0 127.0.0.1:8080 127.0.0.1:40002 users:(("gunicorn",pid=12,fd=9),("x",pid=1,fd=3))\n'
+        "0 0 127.0.0.1:8080 127.0.0.1:40003\n"
+    )
+    assert parse_owners(out) == {40001: 11, 40002: 12}
 
 
 # -- health answers ---------------------------------------------------------------------------
@@ -292,3 +347,37 @@ def test_the_scenario_passes_only_when_every_subscribed_run_does() -> None:
 
 
 # -- the load generator's exchange clients -----------------------------------------------------
+
+
+def test_exchange_clients_read_a_long_subscribed_reply_and_split_by_their_port() -> None:
+    pytest.importorskip("picows")
+    from bench import loadgen  # noqa: PLC0415 (needs picows)
+    from tests.unit.playing_gateway import playing_gateway, wait_frames  # noqa: PLC0415
+
+    streams = [f"mkt{i:03d}usd.{e}" for i in range(3) for e in CLIENT_EVENTS] + [TICKERS]
+    reply = json.dumps({"success": {"message": "subscribed", "streams": streams}}).encode()
+    assert len(reply) >= loadgen.MIN_BODY  # what a plain client would count as data
+    body = ExchangeBodies(["mkt000usd"]).build("inc", loadgen._now_us(), 1, "mkt000usd", 1001)
+    data = b'{"mkt000usd.ob-inc":' + body + b"}"
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with playing_gateway([(reply, False)] + [(data, False)] * 3) as url:
+            gen = loadgen.LoadGen()
+            connect = await gen.connect(
+                group="g", urls=[url] * 3, kind="exchange", token_offset=10, reply_timeout=5.0
+            )
+            await wait_frames(gen, 9)
+            ports = (await gen.ports("g"))["ports"]
+            owners = {str(ports[0]): "101", str(ports[1]): "102"}
+            split = await gen.split("g", "pub", owners)
+            counted = await gen.count()
+            await gen.close(wait=2.0)
+        return connect, split, counted
+
+    connect, split, counted = asyncio.run(run())
+    assert connect["connected"] == 3 and connect["subscribed"] == 3, connect
+    assert counted["by_group"]["g"] == 0  # every client moved
+    groups = split["groups"]
+    assert sorted(groups) == ["pub@101", "pub@102", "pub@?"]
+    assert sorted(i for indices in groups.values() for i in indices) == [10, 11, 12]
+    assert sum(counted["by_group"][g] for g in groups) == 9
