@@ -88,11 +88,21 @@ class Settings:
     compression_rates: list[int] = field(
         default_factory=lambda: [25, 50, 100, 150, 200, 250, 300, 400, 500, 600]
     )
+    # The exchange scenario (bench/exchange.py has its rates): clients, users, step length,
+    # and how far a worker's received count may be from its subscribed share.
+    exchange_clients: int = 5000
+    exchange_users: int = 1000
+    exchange_s: float = 15.0
+    exchange_warmup_s: float = 2.0
+    exchange_tolerance: float = 0.02
+    # Health requests per sample, at most, until every worker has answered.
+    health_tries: int = 200
     max_minutes: float = 45.0
 
     @classmethod
     def for_quick(cls) -> Settings:
-        """Every scenario, briefly: a smoke check that runs in under two minutes."""
+        """Every scenario, briefly: a smoke check of a few minutes (the exchange scenario alone
+        takes under one)."""
         return cls(
             quick=True,
             step_s=1.5,
@@ -113,6 +123,10 @@ class Settings:
             book_s=3.0,
             multiworker_rates=[100, 300],
             compression_rates=[50, 150],
+            exchange_clients=1000,
+            exchange_users=200,
+            exchange_s=3.0,
+            exchange_warmup_s=1.0,
             max_minutes=4.0,
         )
 

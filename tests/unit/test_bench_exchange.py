@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import health
+from bench import health, report
 from bench.events import MIN_BYTES, ExchangeBodies
 from bench.exchange import (
     CLIENT_EVENTS,
@@ -344,6 +344,36 @@ def test_the_scenario_passes_only_when_every_subscribed_run_does() -> None:
     runs["w2 subscribed"] = _run("subscribed", 1000, 1000, 1000)
     assert exchange_summary(runs)["passed"] is False  # the whole exchange: not distinct
     assert exchange_summary({"w1 own routing": _run(None, 7, 7, 7)})["passed"] is None
+
+
+def test_the_report_prints_each_run_and_the_headline_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    step = {"rate": 800.0, "delivered_per_s": 40000, "sustained": True, "p99_ms": 9.5}
+    run = {**_run("subscribed", 300, 300, 1000), "step": step, "bindings": {"9": 320}}
+    data = {
+        "markets": 100,
+        "public_clients": 5000,
+        "private_users": 1000,
+        "duration_s": 15.0,
+        "tolerance": 0.02,
+        "published_per_s": 805.2,
+        "rates_per_s": {"trades": 15.0, "ob-inc": 60.0},
+        "expected_deliveries_per_s": 47000,
+        "runs": {"w2 subscribed": run},
+        "summary": exchange_summary({"w2 subscribed": run}),
+    }
+    report.print_tables({"scenario": "exchange", "server": "ranger-py", "result": data})
+    printed = capsys.readouterr().out
+    assert "published 805.2 msg/s: trades 15, ob-inc 60" in printed
+    assert "verdict (routing=subscribed): PASS" in printed
+    rows = {r["what"]: r for r in report.headline([{"scenario": "exchange", **_as(data)}], "x")}
+    assert rows["exchange: each worker receives its bindings' share"]["measured"] == "yes"
+    assert rows["exchange, 2 workers: received / total"]["measured"] == "0.30"
+
+
+def _as(data: dict[str, Any]) -> dict[str, Any]:
+    return {"server": "x", "result": data}
 
 
 # -- the load generator's exchange clients -----------------------------------------------------
