@@ -202,4 +202,6 @@ def exchange_summary(runs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         elif not verdict["distinct"]:
             failures.append(f"{name}: a worker's share is the whole exchange, nothing to tell")
     passed = None if not measured else not failures
+    if not measured and not failures:
+        failures.append("no run with RANGER_BROKER_ROUTING=subscribed (another gateway's routing?)")
     return {"passed": passed, "failures": failures, "share_of_total": shares}
