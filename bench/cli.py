@@ -40,7 +40,7 @@ _PACKAGES = (
 )  # fmt: skip
 _EPILOG = """\
 examples:
-  bench/run --quick                         every scenario briefly (< 2 min), a smoke check
+  bench/run --quick                         every scenario briefly (a few min), a smoke check
   bench/run                                 the full run (about 5-15 min on 2 cores)
   bench/run --scenarios fanout,idle         only these
   bench/run --server ranger-py --server rango 'ws://127.0.0.1:{port}' \\
@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "ranger-py benchmark: fan-out, private, idle, slow readers, order books, compression."
+            "ranger-py benchmark: fan-out, private, idle, slow readers, order books, compression,"
+            " a whole exchange."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, help="fan-out clients (default 1000)")
     parser.add_argument("--idle-connections", type=int, help="idle connections (default 5000)")
     parser.add_argument("--private-users", type=int, help="private users (default 1000)")
+    parser.add_argument(
+        "--exchange-clients", type=int, help="public clients of the exchange scenario (5000)"
+    )
+    parser.add_argument(
+        "--exchange-users", type=int, help="private users of the exchange scenario (1000)"
+    )
+    parser.add_argument(
+        "--exchange-seconds", type=float, help="publish time of each exchange run (15)"
+    )
     parser.add_argument("--slow-clients", type=int, help="stalled clients of the slow scenario")
     parser.add_argument("--slow-rate", type=int, help="msg/s of the slow scenario")
     parser.add_argument(
@@ -133,6 +143,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "fanout_clients": args.clients,
         "idle_connections": args.idle_connections,
         "private_users": args.private_users,
+        "exchange_clients": args.exchange_clients,
+        "exchange_users": args.exchange_users,
+        "exchange_s": args.exchange_seconds,
         "slow_clients": args.slow_clients,
         "slow_rate": args.slow_rate,
         "probe_every": args.probe_every,

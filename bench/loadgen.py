@@ -35,6 +35,7 @@ from bench.stats import histogram
 __all__ = [
     "MIN_BODY",
     "BookClient",
+    "ExchangeClient",
     "Group",
     "StreamClient",
     "WireClient",
@@ -53,6 +54,7 @@ MIN_BODY = 100
 _HANDSHAKE_TIMEOUT = 10.0
 _EXTENSIONS = "Sec-WebSocket-Extensions"
 _RSV1_UNASKED = "RSV1 frame without permessage-deflate"
+_REPLY_PREFIXES = (b'{"success"', b'{"error"')
 
 
 def _now_us() -> int:
@@ -131,6 +133,7 @@ class StreamClient(WSListener):
         self.closed_at_us = 0
         self.disconnected = False
         self.closing = False  # we started the close
+        self.index = -1  # its place in the urls of the connect call, over every process
 
     @property
     def is_open(self) -> bool:
@@ -275,6 +278,31 @@ class WireClient(StreamClient):
                 self.group.errors[f"compressed frame: {exc}"] += 1
 
 
+class ExchangeClient(StreamClient):
+    """A client of the exchange scenario: several streams, so a subscribed reply that may be
+    longer than ``MIN_BODY``.
+
+    Until that reply has come, frames take the slow path (a reply is told by its first bytes,
+    anything else counts as data); afterwards it is a plain :class:`StreamClient`.
+    """
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.streams is not None:
+            super().on_ws_frame(transport, frame)
+            return
+        kind = frame.msg_type
+        if kind is _CLOSE:
+            self.on_close(transport, frame.get_payload_as_bytes())
+        elif kind is _TEXT:
+            data = frame.get_payload_as_bytes()
+            if data.startswith(_REPLY_PREFIXES) or len(data) < MIN_BODY:
+                self.on_reply(data)
+            else:
+                self.frames += 1
+                if self.probe:
+                    self.on_probe(data)
+
+
 class BookClient(StreamClient):
     """A late order-book subscriber; :class:`bench.bookcheck.BookCheck` judges its frames.
 
@@ -341,6 +369,7 @@ _KINDS: dict[str, type[StreamClient]] = {
     "stream": StreamClient,
     "book": BookClient,
     "wire": WireClient,
+    "exchange": ExchangeClient,
 }
 
 
@@ -406,8 +435,9 @@ class LoadGen:
         if deflate_offer is not None and cls is not WireClient:
             raise ValueError("only wire clients offer compression")
 
-        def make(probe: bool) -> StreamClient:
+        def make(probe: bool, index: int) -> StreamClient:
             client = cls(target, probe)
+            client.index = token_offset + index
             if isinstance(client, WireClient):
                 client.offered = deflate_offer is not None
             return client
@@ -430,7 +460,7 @@ class LoadGen:
             async with gate:
                 try:
                     _, client = await ws_connect(
-                        lambda: make(index % probe_every == 0),
+                        lambda: make(index % probe_every == 0, index),
                         urls[index],
                         extra_headers=headers or None,
                         socket_factory=factory,
@@ -546,6 +576,27 @@ class LoadGen:
                     ports.append(int(name[1]))
         return {"ports": ports, **self._clock()}
 
+    async def split(self, group: str, into: str, owners: dict[str, str]) -> dict[str, Any]:
+        """Move each client of ``group`` to the group ``<into>@<owner>``, its owner found by
+        its local TCP port in ``owners`` (``"?"`` when it is not there: gone, or unknown).
+
+        Returns each new group's client indices (``StreamClient.index``). Counters a client
+        brought along from ``group`` (closes, errors) stay there: split before measuring.
+        """
+        moved: dict[str, list[int]] = {}
+        old = self.groups[group]
+        for client in old.clients:
+            port = None
+            if client.transport is not None and not client.disconnected:
+                name = client.transport.underlying_transport.get_extra_info("sockname")
+                port = str(name[1]) if name else None
+            target = self._group(f"{into}@{owners.get(port or '', '?')}")
+            client.group = target
+            target.clients.append(client)
+            moved.setdefault(target.name, []).append(client.index)
+        old.clients = []
+        return {"groups": moved, **self._clock()}
+
     async def send(self, group: str, text: str) -> dict[str, Any]:
         """Send one text message from every open client of ``group``."""
         sent = 0
@@ -641,6 +692,7 @@ async def _main() -> None:
             "resume": gen.resume,
             "ports": gen.ports,
             "send": gen.send,
+            "split": gen.split,
             "outcomes": gen.outcomes,
             "book_report": gen.book_report,
             "close": gen.close,

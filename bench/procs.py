@@ -19,8 +19,10 @@ __all__ = [
     "Sample",
     "broker_pids",
     "cpu_by_pid",
+    "parse_owners",
     "sample",
     "send_queues",
+    "socket_owners",
     "softirq_s",
     "tcp_bytes_acked",
     "tree",
@@ -29,6 +31,7 @@ __all__ = [
 _TICK = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
 _BYTES_ACKED = re.compile(r"\bbytes_acked:(\d+)")
+_PID = re.compile(r"\bpid=(\d+)")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -147,19 +150,27 @@ def softirq_s() -> float:
     return int(fields[7]) / _TICK
 
 
-def send_queues(server_port: int, peer_ports: set[int]) -> dict[int, int] | None:
-    """Bytes waiting in the server's kernel send queue, per client port (``ss``); None when
-    ``ss`` (iproute2) is missing. A client that is gone from the list is not in the result."""
+def _established(server_port: int, options: str) -> str | None:
+    """``ss <options>`` over the established connections from ``server_port``; None without
+    ``ss`` (iproute2)."""
     ss = shutil.which("ss")
     if ss is None:
         return None
-    out = subprocess.run(
-        [ss, "-tnH", "state", "established", f"( sport = :{server_port} )"],
+    return subprocess.run(
+        [ss, options, "state", "established", f"( sport = :{server_port} )"],
         capture_output=True,
         text=True,
-        timeout=10,
+        timeout=30,
         check=False,
     ).stdout
+
+
+def send_queues(server_port: int, peer_ports: set[int]) -> dict[int, int] | None:
+    """Bytes waiting in the server's kernel send queue, per client port (``ss``); None when
+    ``ss`` (iproute2) is missing. A client that is gone from the list is not in the result."""
+    out = _established(server_port, "-tnH")
+    if out is None:
+        return None
     queues = {}
     for line in out.splitlines():
         fields = line.split()
@@ -170,6 +181,29 @@ def send_queues(server_port: int, peer_ports: set[int]) -> dict[int, int] | None
     return queues
 
 
+def socket_owners(server_port: int) -> dict[int, int] | None:
+    """The process holding each established connection of ``server_port``, by the client's
+    port (``ss -p``); None without ``ss``. A connection held by several processes (a shared
+    descriptor) goes to the first that ``ss`` names."""
+    out = _established(server_port, "-tnpH")
+    return None if out is None else parse_owners(out)
+
+
+def parse_owners(out: str) -> dict[int, int]:
+    """``ss -tnpH state established`` lines: client port -> the first pid named.
+
+    >>> parse_owners('0 0 127.0.0.1:8080 127.0.0.1:41234 users:(("gunicorn",pid=77,fd=9))')
+    {41234: 77}
+    """
+    owners = {}
+    for line in out.splitlines():
+        fields = line.split()
+        found = _PID.search(line)
+        if len(fields) >= 4 and found:
+            owners[int(fields[3].rsplit(":", 1)[1])] = int(found.group(1))
+    return owners
+
+
 def tcp_bytes_acked(server_port: int) -> int | None:
     """TCP payload bytes the peers acknowledged, summed over the established connections from
     ``server_port`` (``ss -ti``'s ``bytes_acked``): what crossed the sockets, frame headers
@@ -177,14 +211,7 @@ def tcp_bytes_acked(server_port: int) -> int | None:
     without ``ss``. ``/proc/<pid>/io``'s ``wchar`` would not do: it does not count ``send(2)``,
     which is how servers write to sockets.
     """
-    ss = shutil.which("ss")
-    if ss is None:
+    out = _established(server_port, "-tinH")
+    if out is None:
         return None
-    out = subprocess.run(
-        [ss, "-tinH", "state", "established", f"( sport = :{server_port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    ).stdout
     return sum(int(found) for found in _BYTES_ACKED.findall(out))

@@ -7,11 +7,14 @@ exchange. Every body is about ``body_size`` bytes and starts with the send time
 publish → client latency. Messages are paced on a fixed schedule (message n is due at
 ``start + n / rate``); whatever is due when the process wakes up is sent at once, and the report
 says how far behind schedule it ever fell, so a publisher-bound step is visible as such.
+The exchange scenario's command (``exchange``) plays many routing keys at once, each on a schedule
+of its own, with Peatio-shaped bodies (bench/events.py) and its order books kept in sequence.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import time
 from collections.abc import Callable
@@ -20,6 +23,8 @@ from typing import Any
 import amqp
 
 from bench import rpc
+from bench.events import ExchangeBodies
+from bench.exchange import INC, SNAP
 
 __all__ = ["BODIES", "Publisher", "book_body", "main", "trade_body"]
 
@@ -30,6 +35,8 @@ _BODY_HEAD = (
 _BODY_TAIL = b'"}'
 # Never sleep less than this: the loop wakes up, publishes what is due, sleeps again.
 _MIN_SLEEP = 0.0002
+# The sequence of a book's first snapshot in the exchange scenario.
+_FIRST_SEQUENCE = 1000
 
 
 def trade_body(sent_us: int, seq: int, market: bytes, size: int) -> bytes:
@@ -87,10 +94,26 @@ def _now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
+def _timing(start_us: int, behind_s: float, cpu0: float) -> dict[str, Any]:
+    """A paced run's figures, from its start until now: when, how far behind, the CPU it took."""
+    end_us = _now_us()
+    return {
+        "start_us": start_us,
+        "end_us": end_us,
+        "duration_s": (end_us - start_us) / 1e6,
+        "behind_max_ms": behind_s * 1000.0,
+        "cpu_s": time.process_time() - cpu0,
+    }
+
+
 class Publisher:
     def __init__(self) -> None:
         self.connection: amqp.Connection | None = None
         self.channel: Any = None
+        # The exchange scenario's books: market -> the sequence of its last message, kept from
+        # one call to the next so that a step follows on from its warm-up.
+        self._books: dict[str, int] = {}
+        self._bodies: tuple[tuple[str, ...], ExchangeBodies] | None = None
 
     def connect(
         self, *, host: str, port: int, user: str, password: str, vhost: str, exchange: str
@@ -129,16 +152,7 @@ class Publisher:
                 time.sleep(max(wait, _MIN_SLEEP))
             if time.monotonic() > start + duration * 3 + 5:
                 break  # hopelessly behind: stop rather than run on (reported as a short count)
-        end_us = _now_us()
-        return {
-            "published": n,
-            "target": total,
-            "start_us": start_us,
-            "end_us": end_us,
-            "duration_s": (end_us - start_us) / 1e6,
-            "behind_max_ms": behind * 1000.0,
-            "cpu_s": time.process_time() - cpu0,
-        }
+        return {"published": n, "target": total, **_timing(start_us, behind, cpu0)}
 
     def publish(
         self,
@@ -221,6 +235,81 @@ class Publisher:
         result = self._pace(rate, duration, send)
         return {**result, "first_seq": first_seq, "last_seq": state["seq"], **state}
 
+    def exchange(
+        self,
+        *,
+        exchange: str,
+        feeds: list[list[Any]],
+        markets: list[str],
+        duration: float,
+        open_books: bool = False,
+    ) -> dict[str, Any]:
+        """Every feed on its own schedule for ``duration`` s (the exchange scenario).
+
+        A feed is ``[routing key, kind, rate, subject, phase]`` (``bench.exchange.Feed``): its
+        message n is due at ``start + phase + n / rate``, while that is before ``duration``, so
+        each key's count is ``Feed.count(duration)`` unless the publisher fell hopelessly behind
+        (``stopped_early``). Increments carry their book's next ``sequence``, snapshots the last
+        one. ``open_books``: first, one snapshot of every book that has a snapshot feed, so that
+        a server without them accepts the increments that follow (they are not counted in
+        ``by_key``). ``markets``: the markets a ``global.tickers`` body lists.
+        """
+        channel = self.channel
+        message = amqp.Message
+        if self._bodies is None or self._bodies[0] != tuple(markets):
+            self._bodies = (tuple(markets), ExchangeBodies(markets))
+        build = self._bodies[1].build
+        books = self._books
+        counts = [0] * len(feeds)
+        heap = [(float(feed[4]), i) for i, feed in enumerate(feeds) if feed[4] < duration]
+        heapq.heapify(heap)
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        start_us = _now_us()
+        opened = 0
+        if open_books:
+            for key, kind, _rate, subject, _phase in feeds:
+                if kind == SNAP:
+                    sequence = books.setdefault(subject, _FIRST_SEQUENCE)
+                    body = build(kind, _now_us(), 0, subject, sequence)
+                    channel.basic_publish(message(body), exchange=exchange, routing_key=key)
+                    opened += 1
+        give_up = start + duration * 3 + 5
+        behind = 0.0
+        stopped_early = False
+        while heap:
+            due, i = heap[0]
+            now = time.monotonic() - start
+            if due > now:
+                time.sleep(max(due - now, _MIN_SLEEP))
+                continue
+            behind = max(behind, now - due)
+            key, kind, rate, subject, phase = feeds[i]
+            n = counts[i]
+            sequence = 0
+            if kind == INC:
+                sequence = books[subject] = books.get(subject, _FIRST_SEQUENCE) + 1
+            elif kind == SNAP:
+                sequence = books.setdefault(subject, _FIRST_SEQUENCE)
+            body = build(kind, _now_us(), n, subject, sequence)
+            channel.basic_publish(message(body), exchange=exchange, routing_key=key)
+            counts[i] = n + 1
+            following = phase + (n + 1) / rate
+            if following < duration:
+                heapq.heapreplace(heap, (following, i))
+            else:
+                heapq.heappop(heap)
+            if time.monotonic() > give_up:
+                stopped_early = True  # reported as short counts, never run on
+                break
+        return {
+            "published": sum(counts),
+            "by_key": {feed[0]: count for feed, count in zip(feeds, counts, strict=True) if count},
+            "opening_snapshots": opened,
+            "stopped_early": stopped_early,
+            **_timing(start_us, behind, cpu0),
+        }
+
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
@@ -235,6 +324,7 @@ def main() -> None:
                 "connect": publisher.connect,
                 "publish": publisher.publish,
                 "orderbook": publisher.orderbook,
+                "exchange": publisher.exchange,
             }
         )
     finally:

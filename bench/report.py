@@ -212,11 +212,81 @@ def print_tables(result: dict[str, Any]) -> None:
         _out(f"  capacity ratio 2 workers / 1: {data.get('capacity_ratio')}")
     elif name == "compression" and "summary" in data:
         _compression_tables(data)
-    runs = ("w1", "w2", "plain", "deflate")
-    for text in data.get("problems", []) + [
-        p for key in runs for p in data.get(key, {}).get("problems", [])
-    ]:
+    elif name == "exchange" and "runs" in data:
+        _exchange_tables(data)
+    runs = [data.get(key, {}) for key in ("w1", "w2", "plain", "deflate")]
+    runs += list(data.get("runs", {}).values()) if name == "exchange" else []
+    for text in data.get("problems", []) + [p for run in runs for p in run.get("problems", [])]:
         _out(f"  SERVER PROBLEM: {text}")
+
+
+_WORKER_COLUMNS = (
+    ("worker", "worker", "{!s:>8}"),
+    ("clients", "clients", "{:>7,}"),
+    ("recv msg/s", "received_per_s", "{:>10,.1f}"),
+    ("share msg/s", "share_per_s", "{:>11,.1f}"),
+    ("share/total", "share_of_total", "{:>11.3f}"),
+    ("recv/share", "received_over_share", "{:>10.4f}"),
+    ("CPU%", "cpu_pct", "{:>6.1f}"),
+    ("deliv/s", "delivered_per_s", "{:>8,}"),
+    ("ratio", "delivered_ratio", "{:>7.4f}"),
+    ("p50 ms", "p50_ms", "{:>7.2f}"),
+    ("p99 ms", "p99_ms", "{:>7.2f}"),
+    ("ok", "within", "{!s:>5}"),
+)
+
+
+def _exchange_tables(data: dict[str, Any]) -> None:
+    rates = ", ".join(f"{name} {rate:g}" for name, rate in data["rates_per_s"].items())
+    _out(
+        f"  {data['markets']} markets, {data['public_clients']:,} public clients, "
+        f"{data['private_users']:,} users; {data['duration_s']:g} s per run"
+    )
+    _out(f"  published {data['published_per_s']:,} msg/s: {rates}")
+    _out(f"  deliveries expected: {data['expected_deliveries_per_s']:,}/s")
+    for name, run in data["runs"].items():
+        _out(f"  -- {name}")
+        if "step" not in run:
+            _out(f"  FAILED: {run.get('stopped') or run.get('error')}")
+            continue
+        _steps_table([run["step"]])
+        verdict = run["verdict"]
+        widths = [len(_cell(fmt, 0)) for _, _, fmt in _WORKER_COLUMNS]
+        titles = zip(_WORKER_COLUMNS, widths, strict=True)
+        _out("  " + " ".join(title.rjust(w) for (title, _, _), w in titles))
+        for row in verdict["workers"]:
+            _out("  " + " ".join(_cell(fmt, row.get(key)) for _, key, fmt in _WORKER_COLUMNS))
+        connect = run.get("connect", {})
+        pairs: list[tuple[str, Any]] = [
+            *(
+                (
+                    f"{side} clients connected",
+                    f"{part['connected']:,} of {part['requested']:,}, "
+                    f"{part['subscribed']:,} subscribed {part['errors'] or ''}",
+                )
+                for side, part in connect.items()
+            ),
+            ("bindings per worker queue", run.get("bindings")),
+            (
+                "each worker received its share",
+                verdict["passed"]
+                if verdict["passed"] is not None
+                else f"not measured: {verdict['not_measured']}",
+            ),
+            ("shares below the exchange total", verdict["distinct"]),
+        ]
+        if run.get("unowned_clients"):
+            pairs.append(("clients on no known worker", run["unowned_clients"]))
+        if run.get("stopped_early"):
+            pairs.append(("PUBLISHER FELL BEHIND", "stopped early: counts are short"))
+        _kv(pairs)
+    summary = data.get("summary") or {}
+    passed = summary.get("passed")
+    _out(
+        "  verdict (routing=subscribed): "
+        + ("not measured" if passed is None else "PASS" if passed else "FAIL")
+        + "".join(f"\n    {text}" for text in summary.get("failures", []))
+    )
 
 
 def _compression_tables(data: dict[str, Any]) -> None:
@@ -289,6 +359,9 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
     book = _find(results, "orderbook", label)
     multi = _find(results, "multiworker", label)
     squeeze = _find(results, "compression", label)
+    market = _find(results, "exchange", label)
+    market_summary = market.get("summary") or {}
+    two = market_summary.get("share_of_total", {}).get("w2 subscribed")
     # A compression run that is no measurement shows as why (e.g. "declined"), never as a ratio.
     squeeze_failed = [
         run["verdict"] for run in (squeeze.get("summary") or {}).values() if run["verdict"]
@@ -426,6 +499,24 @@ def headline(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
             False if squeeze_failed else ge(squeeze.get("capacity_ratio"), 0.8),
             "-",
             unit="" if squeeze_failed else "x",
+        ),
+        row(
+            "exchange: each worker receives its bindings' share",
+            None
+            if market_summary.get("passed") is None
+            else "yes"
+            if market_summary["passed"]
+            else "no",
+            f"within {market.get('tolerance', 0):.0%}",
+            market_summary.get("passed"),
+            "Ranger, Rango: every worker gets all",
+        ),
+        row(
+            "exchange, 2 workers: received / total",
+            ", ".join(f"{share:.2f}" for share in two if share is not None) if two else None,
+            "-",
+            None,
+            "1.00 with routing=all",
         ),
     ]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +88,21 @@ class Settings:
     compression_rates: list[int] = field(
         default_factory=lambda: [25, 50, 100, 150, 200, 250, 300, 400, 500, 600]
     )
+    # The exchange scenario (bench/exchange.py has its rates): clients, users, step length,
+    # and how far a worker's received count may be from its subscribed share.
+    exchange_clients: int = 5000
+    exchange_users: int = 1000
+    exchange_s: float = 15.0
+    exchange_warmup_s: float = 2.0
+    exchange_tolerance: float = 0.02
+    # Health requests per sample, at most, until every worker has answered.
+    health_tries: int = 200
     max_minutes: float = 45.0
 
     @classmethod
     def for_quick(cls) -> Settings:
-        """Every scenario, briefly: a smoke check that runs in under two minutes."""
+        """Every scenario, briefly: a smoke check of a few minutes (the exchange scenario alone
+        takes under one)."""
         return cls(
             quick=True,
             step_s=1.5,
@@ -113,6 +123,10 @@ class Settings:
             book_s=3.0,
             multiworker_rates=[100, 300],
             compression_rates=[50, 150],
+            exchange_clients=1000,
+            exchange_users=200,
+            exchange_s=3.0,
+            exchange_warmup_s=1.0,
             max_minutes=4.0,
         )
 
@@ -217,6 +231,17 @@ class LoadGens:
 
     def ports(self, group: str) -> list[int]:
         return [port for p in self._all("ports", 10.0, group=group) for port in p["ports"]]
+
+    def split(self, group: str, into: str, owners: dict[int, int]) -> dict[str, list[int]]:
+        """Move ``group``'s clients to ``<into>@<pid>`` by the server process that holds their
+        connection (``owners``: client port -> pid; ``<into>@?`` for those not in it).
+        Returns each new group's client indices (their place in the connect call's urls)."""
+        by_port = {str(port): str(pid) for port, pid in owners.items()}
+        merged: dict[str, list[int]] = {}
+        for part in self._all("split", 30.0, group=group, into=into, owners=by_port):
+            for name, indices in part["groups"].items():
+                merged.setdefault(name, []).extend(indices)
+        return merged
 
     def send(self, group: str, text: str) -> int:
         return sum(p["sent"] for p in self._all("send", 10.0, group=group, text=text))
@@ -366,9 +391,15 @@ class Bench:
 
     @contextlib.contextmanager
     def server(
-        self, spec: ServerSpec, notes: dict[str, Any], *, workers: int = 1
+        self,
+        spec: ServerSpec,
+        notes: dict[str, Any],
+        *,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
     ) -> Iterator[Server]:
-        """A fresh server for one scenario; its problems and shutdown end up in ``notes``."""
+        """A fresh server for one scenario; its problems and shutdown end up in ``notes``.
+        ``env``: variables of this server only, over the spec's."""
         self.check_time()
         self._servers += 1
         safe = "".join(ch if ch.isalnum() else "-" for ch in spec.label)
@@ -378,6 +409,7 @@ class Bench:
             log_path=self.log_dir / f"server-{self._servers}-{safe}-w{workers}.log",
             jwt_public_key=self.signer.public_env,
             workers=workers,
+            extra_env=env,
         )
         notes["server_log"] = server.log_path.name
         try:
@@ -446,34 +478,64 @@ class Bench:
         ``body``: the publisher's body options (see :meth:`_body`). ``tcp_bytes``: also take
         the TCP bytes the server's connections sent (``ss``), before and after the step.
         """
+        duration = duration or self.settings.step_s
+        return self.measure(
+            server,
+            groups,
+            "publish",
+            {"keys": keys, "rate": rate, "duration": duration, **self._body(body)},
+            rate=rate,
+            duration=duration,
+            expected=lambda published: int(published["published"]) * recipients,
+            before_publish=before_publish,
+            while_publishing=while_publishing,
+            tcp_bytes=tcp_bytes,
+        )
+
+    def measure(
+        self,
+        server: Server,
+        groups: list[str],
+        command: str,
+        args: dict[str, Any],
+        *,
+        rate: float,
+        duration: float,
+        expected: Callable[[dict[str, Any]], int],
+        before_publish: Callable[[], None] | None = None,
+        while_publishing: Callable[[float], dict[str, Any]] | None = None,
+        tcp_bytes: bool = False,
+        bundles: Callable[[dict[str, Any]], dict[str, tuple[list[str], int]]] | None = None,
+        pids: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """One step: the publisher's ``command`` (with ``args`` and the exchange) for
+        ``duration`` s, and what ``groups`` receive (:meth:`step` says more).
+
+        ``expected(published)``: the frames ``groups`` should receive, from the publisher's
+        reply. ``bundles(published)``: label -> (some of ``groups``, the frames they should
+        receive), each reported on its own under ``bundles``. ``pids``: processes whose CPU is
+        reported one by one (``cpu_by_pid``), over the same window as the server's.
+        """
         self.check_time()
         settings = self.settings
-        duration = duration or settings.step_s
         acked0 = procs.tcp_bytes_acked(server.url_port) if tcp_bytes else None
         begun = self.lg.begin(groups)
         if before_publish is not None:
             before_publish()
         all0, sirq0 = procs.cpu_by_pid(), procs.softirq_s()
         srv0, brk0 = server.sample(), self.broker_sample()
-        self.pub.send(
-            "publish",
-            exchange=EXCHANGE,
-            keys=keys,
-            rate=rate,
-            duration=duration,
-            **self._body(body),
-        )
+        self.pub.send(command, exchange=EXCHANGE, **args)
         side = while_publishing(time.monotonic() + duration) if while_publishing else None
         published = self.pub.recv(duration * 3 + 30)
         srv1, brk1 = server.sample(), self.broker_sample()
         all1, sirq1 = procs.cpu_by_pid(), procs.softirq_s()
         counted = self.lg.count(groups)
-        expected = published["published"] * recipients
+        want = expected(published)
         # Wait for the last frames: until all arrived, or nothing more came for a while.
         received = sum(c["frames"] for c in counted)
         last_change = time.monotonic()
         drain_end = last_change + settings.drain_max_s
-        while received < expected and time.monotonic() < drain_end:
+        while received < want and time.monotonic() < drain_end:
             time.sleep(0.05)
             now_received = sum(c["frames"] for c in self.lg.count(groups))
             if now_received != received:
@@ -485,7 +547,7 @@ class Bench:
         figures = self._figures(
             rate=rate,
             published=published,
-            expected=expected,
+            expected=want,
             merged=merged,
             srv=(srv0, srv1),
             brk=(brk0, brk1),
@@ -501,11 +563,22 @@ class Bench:
             other = sum(cpu - all0.get(pid, cpu) for pid, cpu in all1.items() if pid not in ours)
             figures["softirq_cpu_pct"] = round(100.0 * (sirq1 - sirq0) / wall, 1)
             figures["other_cpu_pct"] = round(100.0 * other / wall, 1)
+            if pids is not None:
+                figures["cpu_by_pid"] = {
+                    str(pid): round(100.0 * (all1[pid] - all0[pid]) / wall, 1)
+                    for pid in pids
+                    if pid in all0 and pid in all1
+                }
         if side is not None:
             figures["side"] = side
         if acked0 is not None and acked1 is not None and figures["frames"]:
             # Every byte the server sent its clients in the step, over the frames they counted.
             figures["server_tcp_bytes_per_delivery"] = round((acked1 - acked0) / figures["frames"])
+        if bundles is not None:
+            figures["bundles"] = {
+                label: _bundle(merged, names, frames, published)
+                for label, (names, frames) in bundles(published).items()
+            }
         return figures
 
     def _figures(
@@ -651,6 +724,31 @@ class Bench:
             ),
             "stopped": stopped,
         }
+
+
+def _bundle(
+    merged: dict[str, dict[str, Any]], names: list[str], expected: int, published: dict[str, Any]
+) -> dict[str, Any]:
+    """Delivery and latency of some of a step's groups together."""
+    rows = [merged[name] for name in names if name in merged]
+    frames = sum(r["frames"] for r in rows)
+    counts = sum((r["counts"] for r in rows), start=stats.merge([]))
+    p50, p90, p99 = stats.percentiles_ms(counts)
+    maxes = [r["max_ms"] for r in rows if r["max_ms"] is not None]
+    duration = max(published["duration_s"], 1e-9)
+    return {
+        "clients": sum(r["clients"] for r in rows),
+        "open": sum(r["open"] for r in rows),
+        "expected_frames": expected,
+        "frames": frames,
+        "delivered_ratio": round(frames / expected, 4) if expected else None,
+        "delivered_per_s": round(frames / duration),
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "max_ms": max(maxes) if maxes else None,
+        "latencies": int(counts.sum()),
+    }
 
 
 def _bracket(steps: list[dict[str, Any]]) -> tuple[int | None, int | None]:

@@ -13,6 +13,9 @@
 * ``multiworker``: fan-out capacity with ``WEB_CONCURRENCY=2`` against one worker.
 * ``compression``: fan-out capacity for ~4 KB order-book bodies, clients not offering
   permessage-deflate, then every client offering it; bytes on the wire per delivery of each.
+* ``exchange``: a whole exchange's public and private events (bench/exchange.py) to 5000 public
+  clients and 1000 users, with 1 and 2 workers, broker routing ``subscribed`` and ``all``: per
+  worker, what it received against the share its queue's bindings match.
 """
 
 from __future__ import annotations
@@ -20,11 +23,25 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from bench import procs, report, stats, verdicts
+from bench import health, procs, report, stats, verdicts
 from bench.deflate import OFFER
+from bench.exchange import (
+    PRIVATE_EVENTS,
+    Feed,
+    Profile,
+    expected_frames,
+    market_names,
+    public_clients,
+    rate_by_key,
+    rates_by_category,
+    schedule,
+)
 from bench.publisher import book_body
+from bench.routing import Bindings, queue_worker
 from bench.runner import Bench, OutOfTime, Settings, now_us
 from bench.server import EXCHANGE, Server, ServerSpec
 from bench.tokens import uid
@@ -518,6 +535,239 @@ def compression(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
     return result
 
 
+# ranger-py's two ways to bind a worker's queue; another gateway runs with its own.
+_ROUTINGS = ("subscribed", "all")
+_PUBLIC, _PRIVATE = "pub", "prv"  # the exchange's load-generator groups, split by worker
+_UNOWNED = "?"  # clients whose connection ss did not show (gone, or no ss)
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """One exchange, the same for every run of the scenario."""
+
+    profile: Profile
+    feeds: list[Feed]
+    clients: list[list[str]]  # each public client's streams
+    uids: list[str]  # each private user's
+    tokens: Path
+
+    @property
+    def markets(self) -> list[str]:
+        return market_names(self.profile.markets)
+
+    def wire(self) -> list[list[Any]]:
+        return [[f.key, f.kind, f.rate, f.subject, f.phase] for f in self.feeds]
+
+    def expected(self, group: str, indices: list[int], per_key: dict[str, Any]) -> float:
+        """What the clients ``indices`` of a ``pub@`` or ``prv@`` group should receive."""
+        if group.startswith(_PUBLIC + "@"):
+            return sum(expected_frames(self.clients[i], per_key) for i in indices)
+        return sum(expected_frames(PRIVATE_EVENTS, per_key, self.uids[i]) for i in indices)
+
+
+def exchange(bench: Bench, spec: ServerSpec) -> dict[str, Any]:
+    """The exchange's traffic, with 1 and 2 workers (ranger-py: each with broker routing
+    ``subscribed`` and ``all``); per worker, received against subscribed share."""
+    settings = bench.settings
+    profile = Profile()
+    uids = [uid(i) for i in range(settings.exchange_users)]
+    model = _Exchange(
+        profile=profile,
+        feeds=schedule(profile, uids),
+        clients=public_clients(profile, settings.exchange_clients),
+        uids=uids,
+        tokens=bench.tokens(len(uids)),
+    )
+    rates = rate_by_key(model.feeds)
+    deliveries = sum(expected_frames(c, rates) for c in model.clients) + sum(
+        expected_frames(PRIVATE_EVENTS, rates, u) for u in uids
+    )
+    result: dict[str, Any] = {
+        "markets": profile.markets,
+        "public_clients": len(model.clients),
+        "private_users": len(uids),
+        "duration_s": settings.exchange_s,
+        "tolerance": settings.exchange_tolerance,
+        "published_per_s": round(sum(rates.values()), 1),
+        "rates_per_s": {name: round(r, 2) for name, r in rates_by_category(model.feeds).items()},
+        "expected_deliveries_per_s": round(deliveries),
+        "runs": {},
+    }
+    routings: tuple[str | None, ...] = _ROUTINGS if spec.builtin else (None,)
+    for workers, routing in [(w, r) for w in (1, 2) for r in routings]:
+        name = f"w{workers} {routing or 'own routing'}"
+        try:
+            run = _exchange_run(bench, spec, model, workers=workers, routing=routing)
+        except OutOfTime as exc:
+            result["runs"][name] = {"stopped": str(exc)}
+            break
+        result["runs"][name] = run
+        report.progress("exchange", spec.label, run["step"], note=name)
+    result["summary"] = verdicts.exchange_summary(result["runs"])
+    return result
+
+
+def _exchange_run(
+    bench: Bench, spec: ServerSpec, model: _Exchange, *, workers: int, routing: str | None
+) -> dict[str, Any]:
+    settings = bench.settings
+    run: dict[str, Any] = {"workers": workers, "routing": routing}
+    env = {"RANGER_BROKER_ROUTING": routing} if routing else None
+    with bench.server(spec, run, workers=workers, env=env) as server:
+        public = bench.lg.connect(
+            "exchange-public",
+            [server.url("/public?" + "&".join(f"stream={s}" for s in c)) for c in model.clients],
+            kind="exchange",
+            concurrency=settings.connect_concurrency,
+            probe_every=settings.probe_every,
+        )
+        private = bench.lg.connect(
+            "exchange-private",
+            [server.url("/private?" + "&".join(f"stream={e}" for e in PRIVATE_EVENTS))]
+            * len(model.uids),
+            model.tokens,
+            kind="exchange",
+            concurrency=settings.connect_concurrency,
+            expect_streams=len(PRIVATE_EVENTS),
+        )
+        run["connect"] = {"public": public, "private": private}
+        # Who serves whom: the server process holding each client's connection.
+        owners = procs.socket_owners(server.url_port) or {}
+        known = set(owners.values()) | (set(server.worker_pids()) if spec.builtin else set())
+        groups = {
+            **bench.lg.split("exchange-public", _PUBLIC, owners),
+            **bench.lg.split("exchange-private", _PRIVATE, owners),
+        }
+        names = sorted(groups)
+        # Every book opens with a snapshot, then a moment of traffic; its figures are dropped.
+        bench.lg.begin(names)
+        bench.pub.call(
+            "exchange",
+            settings.exchange_warmup_s * 3 + 30,
+            exchange=EXCHANGE,
+            feeds=model.wire(),
+            markets=model.markets,
+            duration=settings.exchange_warmup_s,
+            open_books=True,
+        )
+        time.sleep(0.5)
+        bench.lg.snapshot(names)
+        queues = _worker_queues(bench, known)
+        run["bindings"] = {str(w): len(b.keys) for w, b in queues.items()}
+
+        def received() -> dict[int, int]:
+            return health.collect(
+                lambda: health.fetch(server.host, server.url_port),
+                known,
+                settings.health_tries,
+            )
+
+        before: dict[int, int] = {}
+        published: dict[str, Any] = {}
+
+        def expected(reply: dict[str, Any]) -> int:
+            published.update(reply)
+            return round(sum(model.expected(g, groups[g], reply["by_key"]) for g in names))
+
+        def bundles(reply: dict[str, Any]) -> dict[str, tuple[list[str], int]]:
+            per_key = reply["by_key"]
+            labels = sorted({name.split("@", 1)[1] for name in names})
+            picked = {label: [n for n in names if n.endswith("@" + label)] for label in labels}
+            picked["public"] = [n for n in names if n.startswith(_PUBLIC + "@")]
+            picked["private"] = [n for n in names if n.startswith(_PRIVATE + "@")]
+            return {
+                label: (chosen, round(sum(model.expected(g, groups[g], per_key) for g in chosen)))
+                for label, chosen in picked.items()
+            }
+
+        duration = settings.exchange_s
+        step = bench.measure(
+            server,
+            names,
+            "exchange",
+            {"feeds": model.wire(), "markets": model.markets, "duration": duration},
+            rate=round(sum(f.rate for f in model.feeds), 1),
+            duration=duration,
+            expected=expected,
+            before_publish=lambda: before.update(received()),
+            bundles=bundles,
+            pids=sorted(known),
+        )
+        # The drain ends with the last delivered frame; messages nobody gets may still be on
+        # their way to a worker for a moment.
+        time.sleep(0.5)
+        after = received()
+        run["step"] = step
+        unowned = step.get("bundles", {}).get(_UNOWNED)
+        if unowned:
+            run["unowned_clients"] = unowned["clients"]
+        run["stopped_early"] = published.get("stopped_early")
+        run["health_answers"] = bool(before) and bool(after)
+        rows = _worker_rows(
+            step, queues=queues, before=before, after=after, published=published, duration=duration
+        )
+        run["verdict"] = verdicts.routing_verdict(
+            rows, published.get("published", 0), settings.exchange_tolerance
+        )
+    return run
+
+
+def _worker_queues(bench: Bench, workers: set[int]) -> dict[int | str, Bindings]:
+    """Each worker's queue bindings, by its pid where the queue's name tells it (ranger-py's),
+    else by the queue's name (the only queue goes to the only worker)."""
+    bound = bench.broker.consumed_bindings(EXCHANGE)
+    queues: dict[int | str, Bindings] = {}
+    for name, keys in bound.items():
+        pid = queue_worker(name)
+        queues[pid if pid is not None else name] = Bindings(keys)
+    if len(queues) == 1 and len(workers) == 1 and next(iter(queues)) not in workers:
+        queues = {next(iter(workers)): next(iter(queues.values()))}
+    return queues
+
+
+def _worker_rows(
+    step: dict[str, Any],
+    *,
+    queues: dict[int | str, Bindings],
+    before: dict[int, int],
+    after: dict[int, int],
+    published: dict[str, Any],
+    duration: float,
+) -> list[dict[str, Any]]:
+    """Per worker: its clients' delivery and latency, its CPU, what it received of the broker
+    and what its bindings match of what was published."""
+    per_key = published.get("by_key", {})
+    bundles = step.get("bundles", {})
+    labels = sorted(
+        {label for label in bundles if label not in ("public", "private", _UNOWNED)}
+        | {str(w) for w in queues}
+        | {str(pid) for pid in before}
+    )
+    rows = []
+    for label in labels:
+        pid = int(label) if label.isdigit() else None
+        key: int | str = pid if pid is not None else label
+        got = after[pid] - before[pid] if pid in before and pid in after else None
+        share = queues[key].share(per_key) if key in queues else None
+        clients = bundles.get(label, {})
+        rows.append(
+            {
+                "worker": key,
+                "clients": clients.get("clients", 0),
+                "received": got,
+                "share": share,
+                "received_per_s": round(got / duration, 1) if got is not None else None,
+                "share_per_s": round(share / duration, 1) if share is not None else None,
+                "cpu_pct": step.get("cpu_by_pid", {}).get(label),
+                "delivered_per_s": clients.get("delivered_per_s"),
+                "delivered_ratio": clients.get("delivered_ratio"),
+                "p50_ms": clients.get("p50_ms"),
+                "p99_ms": clients.get("p99_ms"),
+            }
+        )
+    return rows
+
+
 SCENARIOS: dict[str, Scenario] = {
     "idle": idle,
     "fanout": fanout,
@@ -526,4 +776,5 @@ SCENARIOS: dict[str, Scenario] = {
     "orderbook": orderbook,
     "multiworker": multiworker,
     "compression": compression,
+    "exchange": exchange,
 }

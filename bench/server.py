@@ -96,6 +96,16 @@ class Broker(VhostAdmin):
             self.delete_vhost()
             self.created = False
 
+    def consumed_bindings(self, exchange: str) -> dict[str, set[str]]:
+        """Queue name -> its routing keys on ``exchange``, for the queues that have a consumer
+        now: a stopped server's queues outlive it until they expire."""
+        consumed = {
+            row["name"]
+            for row in self._list("list_queues", "name", "consumers")
+            if int(row["consumers"]) > 0
+        }
+        return {name: keys for name, keys in self.bindings(exchange).items() if name in consumed}
+
     def version(self) -> str | None:
         with contextlib.suppress(BrokerUnavailable, subprocess.TimeoutExpired):
             return self.ctl("version", timeout=20).strip() or None

@@ -1,4 +1,5 @@
-"""The compression scenario's verdicts: whether a run is a measurement, and the two side by side.
+"""The scenarios' verdicts: the compression runs (whether each is a measurement, and the two
+side by side) and the exchange runs (whether each worker received its subscribed share).
 
 Pure functions of the runs' JSON, kept apart from the scenarios so the unit tests can import them
 with the dev requirements alone (the load generator's numpy is not among them).
@@ -6,9 +7,10 @@ with the dev requirements alone (the load generator's numpy is not among them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["compare", "compression_summary", "unfit_for"]
+__all__ = ["compare", "compression_summary", "exchange_summary", "routing_verdict", "unfit_for"]
 
 # Below this share of compressed frames a "deflate" run measured something else (the threshold?).
 _MIN_COMPRESSED_SHARE = 0.99
@@ -113,3 +115,93 @@ def compare(plain_run: dict[str, Any], deflate_run: dict[str, Any]) -> dict[str,
         rate = max(both)
         compared["same_rate"] = {"rate": rate, "server_cpu_pct": cpu[rate]}
     return compared
+
+
+def routing_verdict(
+    workers: Sequence[dict[str, Any]], published: int, tolerance: float
+) -> dict[str, Any]:
+    """Whether each worker received its subscribed share of one exchange step.
+
+    ``workers``: one row per worker, ``received`` (broker messages it counted in the step, None
+    when its health answer has no count) and ``share`` (the step's messages whose routing keys
+    its queue's bindings match, None when its queue was not found), over the same messages
+    (``published``). A worker passes when ``|received - share| <= tolerance x share`` (at
+    least one message). ``distinct``: every share is below the total by more than the
+    tolerance, so that a pass says the worker received its share and not simply everything.
+    """
+    rows = []
+    for worker in workers:
+        received, share = worker.get("received"), worker.get("share")
+        within = (
+            abs(received - share) <= max(tolerance * share, 1.0)
+            if received is not None and share is not None
+            else None
+        )
+        rows.append(
+            {
+                **worker,
+                "received_over_share": round(received / share, 4)
+                if received is not None and share
+                else None,
+                "share_of_total": round(share / published, 4)
+                if share is not None and published
+                else None,
+                "within": within,
+            }
+        )
+    missing = [str(r.get("worker")) for r in rows if r["within"] is None]
+    why = None
+    if not rows:
+        why = "no worker found"
+    elif missing:
+        why = f"no received count or no queue for worker(s) {', '.join(missing)}"
+    passed = None if why else all(r["within"] for r in rows)
+    shares = [r["share"] for r in rows if r.get("share") is not None]
+    distinct = (
+        bool(shares)
+        and len(shares) == len(rows)
+        and all(share < published * (1.0 - tolerance) for share in shares)
+    )
+    return {
+        "workers": rows,
+        "published": published,
+        "tolerance": tolerance,
+        "passed": passed,
+        "not_measured": why,
+        "distinct": distinct,
+    }
+
+
+def exchange_summary(runs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The exchange scenario's verdict: every ``routing=subscribed`` run passed, each worker's
+    share being below the total (``distinct``); ``share_of_total`` per run and worker.
+
+    ``passed`` is None when no such run was measured (another gateway, or none finished).
+    """
+    shares: dict[str, list[float | None]] = {}
+    failures: list[str] = []
+    measured = 0
+    for name, run in runs.items():
+        verdict = run.get("verdict")
+        if verdict is None:
+            continue
+        shares[name] = [row["share_of_total"] for row in verdict["workers"]]
+        if run.get("routing") != "subscribed":
+            continue
+        if verdict["passed"] is None:
+            failures.append(f"{name}: not measured ({verdict['not_measured']})")
+            continue
+        measured += 1
+        if not verdict["passed"]:
+            off = [
+                f"{row['worker']} received {row['received_over_share']}x its share"
+                for row in verdict["workers"]
+                if not row["within"]
+            ]
+            failures.append(f"{name}: {'; '.join(off)}")
+        elif not verdict["distinct"]:
+            failures.append(f"{name}: a worker's share is the whole exchange, nothing to tell")
+    passed = None if not measured else not failures
+    if not measured and not failures:
+        failures.append("no run with RANGER_BROKER_ROUTING=subscribed (another gateway's routing?)")
+    return {"passed": passed, "failures": failures, "share_of_total": shares}

@@ -55,6 +55,9 @@ class Backend(Protocol):
     @property
     def status(self) -> str: ...  # why not, for /readyz
 
+    @property
+    def received(self) -> int: ...  # broker messages this worker received since it started
+
     def attach(
         self,
         fd: int,
@@ -123,7 +126,10 @@ class App:
         # port, so this tells an operator which one is not ready.
         worker = os.getpid()
         if path == "/healthz":
-            return self._json(start_response, 200, {"status": "ok", "worker": worker})
+            # With that worker's own count of broker messages: the metrics endpoint sums every
+            # worker's, and broker-side routing makes them differ.
+            body = {"status": "ok", "worker": worker, "received": self.backend.received}
+            return self._json(start_response, 200, body)
         if path == "/readyz":
             # Ready means this worker would take a websocket now: consuming, not stopping, not
             # full (a load balancer must stop sending clients to a worker that answers 503).

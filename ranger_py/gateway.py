@@ -99,6 +99,11 @@ class Gateway:
         return self.accepting and self.consumer.ready and not self.clients.full
 
     @property
+    def received(self) -> int:
+        """Broker messages this worker received since it started (the health answers)."""
+        return self.metrics.received_total
+
+    @property
     def status(self) -> str:
         if not self.accepting:
             return "shutting down"

@@ -218,6 +218,7 @@ class WorkerMetrics:
         )
         # Hot-path accumulators, pushed by flush().
         self.received = 0
+        self._received_flushed = 0  # what flush() has pushed of received so far
         self.delivered = 0
         self.dropped: dict[str, int] = {}
         self.resyncs: dict[str, int] = {}
@@ -231,6 +232,12 @@ class WorkerMetrics:
         # Per stream: its rango_hub_subscriptions_count and ranger_subscriptions_current children.
         self._topics: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
         self._other_topics: dict[str, tuple[Gauge, Gauge]] = {}
+
+    @property
+    def received_total(self) -> int:
+        """Broker messages this worker received since it started, flushed or not: its own
+        figure (``ranger_messages_received_total`` is every worker's, summed)."""
+        return self._received_flushed + self.received
 
     def slow_client(self) -> None:
         """A client was closed with 1008 because its send queue was full."""
@@ -294,6 +301,7 @@ class WorkerMetrics:
         """Push what the hot path counted since the last call; about once a second."""
         if self.received:
             self._received.inc(self.received)
+            self._received_flushed += self.received
             self.received = 0
         if self.delivered:
             self._delivered.inc(self.delivered)

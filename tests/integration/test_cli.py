@@ -208,7 +208,8 @@ def test_serve_from_the_wheel_answers_and_ctrl_c_closes_clients_with_1001(
     health = server.http("/healthz")
     body = health.json()
     assert health.status == 200 and isinstance(body, dict), health
-    assert body == {"status": "ok", "worker": body["worker"]}
+    assert body == {"status": "ok", "worker": body["worker"], "received": body["received"]}
+    assert isinstance(body["received"], int)
     assert body["worker"] in server.worker_pids()
     log = server.log_text()
     assert f"Listening at: http://127.0.0.1:{server.port}" in log

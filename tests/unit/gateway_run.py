@@ -104,6 +104,7 @@ def scenario() -> dict[str, Any]:
     seen["greeting"] = answering_peer.read(len(GREETING)).decode()
     seen["subscribed"] = _text(answering_peer)
     seen["first_live"] = _text(answering_peer)
+    seen["received_by_first_live"] = gateway.received
     seen["one_client"] = _state(gateway)
 
     silent, silent_peer = _connect(gateway, [])

@@ -42,6 +42,7 @@ class Backend:
         self.full = False
         self.ready = True
         self.status = "consuming"
+        self.received = 0
         self.attached: list[tuple[int, bytes, Auth, str, list[str]]] = []
         self.windows: list[int] = []  # the permessage-deflate window of each attach
         self.auth_failures: list[str] = []
@@ -174,7 +175,16 @@ def test_healthz_says_ok_and_names_the_worker(app: App) -> None:
     response, body = call(app, get("/healthz"))
     assert response.status == "200 OK"
     assert response.headers == {"Content-Type": "application/json"}
-    assert body == b'{"status":"ok","worker":%d}' % PID
+    assert body == b'{"status":"ok","worker":%d,"received":0}' % PID
+
+
+def test_healthz_carries_the_workers_count_of_broker_messages_as_it_is_now(
+    app: App, backend: Backend
+) -> None:
+    backend.received = 41
+    assert call(app, get("/healthz"))[1] == b'{"status":"ok","worker":%d,"received":41}' % PID
+    backend.received = 42
+    assert call(app, get("/healthz"))[1] == b'{"status":"ok","worker":%d,"received":42}' % PID
 
 
 def test_readyz_is_200_naming_the_worker_while_the_backend_is_ready(app: App) -> None:
@@ -196,7 +206,7 @@ def test_readyz_is_503_with_the_backends_status_as_reason(app: App, backend: Bac
 
 def test_head_probes_are_answered_like_get(app: App) -> None:
     response, body = call(app, get("/healthz", method="HEAD"))
-    assert (response.status, body) == ("200 OK", b'{"status":"ok","worker":%d}' % PID)
+    assert (response.status, body) == ("200 OK", b'{"status":"ok","worker":%d,"received":0}' % PID)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])

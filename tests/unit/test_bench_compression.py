@@ -194,59 +194,27 @@ _ACCEPT = "permessage-deflate; server_no_context_takeover; client_no_context_tak
 
 def _frames_seen(answer: str | None, send_rsv1: bool, offer: str | None) -> dict[str, Any]:
     pytest.importorskip("picows")
-    from picows import (  # noqa: PLC0415 (the benchmark's requirement, not the project's)
-        WSListener,
-        WSMsgType,
-        WSUpgradeResponse,
-        WSUpgradeResponseWithListener,
-        ws_create_server,
-    )
-
     from bench import loadgen  # noqa: PLC0415 (needs picows)
+    from tests.unit.playing_gateway import playing_gateway, wait_frames  # noqa: PLC0415
 
     body = b'{"btcusd.depth":' + book_body(loadgen._now_us(), 1, b"m", 4096) + b"}"
     payload = _server_deflate(body) if send_rsv1 else body
-
-    # Where picows is not installed, WSListener is Any: subclassing it is then flagged.
-    class Gateway(WSListener):  # type: ignore[misc, unused-ignore]
-        def on_ws_connected(self, transport: Any) -> None:
-            transport.send(WSMsgType.TEXT, _SUBSCRIBED)
-            for _ in range(3):
-                transport.send(WSMsgType.TEXT, payload, rsv1=send_rsv1)
-
-        def on_ws_frame(self, transport: Any, frame: Any) -> None:
-            if frame.msg_type is WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-
     offers: list[str | None] = []
 
-    def upgrade(request: Any) -> Any:
-        offers.append(request.headers.get("Sec-WebSocket-Extensions"))
-        headers = {"Sec-WebSocket-Extensions": answer} if answer else None
-        response = WSUpgradeResponse.create_101_response(extra_headers=headers)
-        return WSUpgradeResponseWithListener(response, Gateway())
-
     async def run() -> dict[str, Any]:
-        server = await ws_create_server(upgrade, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        gen = loadgen.LoadGen()
-        try:
+        frames = [(_SUBSCRIBED, False)] + [(payload, send_rsv1)] * 3
+        async with playing_gateway(frames, answer=answer, offers=offers) as url:
+            gen = loadgen.LoadGen()
             connect = await gen.connect(
                 group="g",
-                urls=[f"ws://127.0.0.1:{port}/"] * 2,
+                urls=[url] * 2,
                 kind="wire",
                 deflate_offer=offer,
                 reply_timeout=5.0,
             )
-            for _ in range(200):  # at most 2 s for the 6 data frames
-                if (await gen.count())["frames"] >= 6:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_frames(gen, 6)  # the 6 data frames
             snapshot = (await gen.snapshot())["groups"]["g"]
             await gen.close(wait=2.0)
-        finally:
-            server.close()
         latencies = sum(n for _, n in snapshot.pop("histogram"))
         return {
             "connect": connect,

@@ -63,6 +63,11 @@ def test_a_client_gets_the_101_its_reply_then_the_demo_feed(run: Run) -> None:
     assert set(tickers) == {"btcusd", "ethusd"}
 
 
+def test_the_gateways_received_count_has_the_message_the_client_got(run: Run) -> None:
+    # What /healthz reports as "received": the worker's own count, not flushed yet or flushed.
+    assert run.seen["received_by_first_live"] >= 1
+
+
 def test_full_at_max_connections(run: Run) -> None:
     assert run.seen["one_client"] == {"ready": True, "status": "consuming", "full": False}
     assert run.seen["silent_subscribed"] == '1:{"success":{"message":"subscribed","streams":[]}}'

@@ -63,6 +63,21 @@ def test_hot_counters_reach_prometheus_only_on_flush() -> None:
     assert m.received == 0 and m.delivered == 0 and m.dropped == {}
 
 
+def test_received_total_counts_the_messages_before_and_after_each_flush() -> None:
+    m = WorkerMetrics()
+    assert m.received_total == 0
+    m.received += 3
+    assert m.received_total == 3
+    m.flush(broker_connected=True, broker_reconnects=0)
+    assert (m.received, m.received_total) == (0, 3)
+    m.received += 2
+    assert m.received_total == 5
+    m.flush(broker_connected=True, broker_reconnects=0)
+    m.flush(broker_connected=True, broker_reconnects=0)
+    assert m.received_total == 5
+    assert sample(exposition(m._received), "ranger_messages_received_total") == 5
+
+
 def test_batched_fanout_histogram_matches_direct_observations() -> None:
     m = WorkerMetrics()
     reference = Histogram("reference", "r", buckets=FANOUT_BUCKETS, registry=None)
