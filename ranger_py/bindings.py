@@ -9,8 +9,10 @@ and reports each reply with :meth:`Bindings.confirmed`, and the clock is passed 
 * :func:`binding_keys` maps one subscription to its keys: ``*.<m>.<e>`` for a public stream
   (one binding for ``public.`` and ``global.`` and whatever else the router then drops), the
   stream itself for a prefixed one, ``private.<uid>.*`` for every private stream of a user.
-* The keys of the order-book cache (``STATIC_KEYS``) stay bound whoever subscribes, so a new
-  subscriber still gets its snapshot at once (PROTOCOL §6); ``RANGER_BROKER_ROUTING=all`` binds
+* The keys of the order-book cache (``book_keys``: Peatio's ``ob`` books, or those named by
+  ``RANGER_BROKER_BOOKS``) stay bound whoever subscribes, so a new subscriber still gets its
+  snapshot at once (PROTOCOL §6); another ``-snap``/``-inc`` pair is bound, and so cached, only
+  while a local client holds it; ``RANGER_BROKER_ROUTING=all`` binds
   ``#`` alone, as Ranger and Rango do, and nothing here changes.
 * A key is counted per subscription holding it (``hold``/``release``); when the last one goes
   it stays bound ``unbind_delay`` seconds longer, so clients that come and go do not storm the
@@ -33,13 +35,25 @@ from typing import Final
 
 from ranger_py.protocol import StreamKind
 
-__all__ = ["ALL_KEYS", "STATIC_KEYS", "Bindings", "binding_keys", "book_topic"]
+__all__ = ["ALL_KEYS", "STATIC_KEYS", "Bindings", "binding_keys", "book_keys", "book_topic"]
 
 ALL_KEYS: Final = ("#",)
 """``RANGER_BROKER_ROUTING=all``: every message, as Ranger and Rango bind."""
 
-STATIC_KEYS: Final = ("public.*.ob-snap", "public.*.ob-inc", "global.*.ob-snap", "global.*.ob-inc")
-"""Peatio's order books, bound whatever the clients hold, so the cache is always warm."""
+
+def book_keys(events: Iterable[str]) -> tuple[str, ...]:
+    """The keys of the order books named ``<event>-snap``/``<event>-inc`` (RANGER_BROKER_BOOKS),
+    bound whatever the clients hold, so that their cache (PROTOCOL §6) is always warm."""
+    return tuple(
+        f"{scope}.*.{event}{suffix}"
+        for event in events
+        for scope in ("public", "global")
+        for suffix in ("-snap", "-inc")
+    )
+
+
+STATIC_KEYS: Final = book_keys(("ob",))
+"""Peatio's order books (``ob-snap``, ``ob-inc``): RANGER_BROKER_BOOKS's default."""
 
 _SNAP: Final = "-snap"
 _INC: Final = "-inc"

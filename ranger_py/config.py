@@ -215,6 +215,19 @@ class _CommaList(Parser):
         return _items(raw)
 
 
+class _Words(Parser):
+    """A comma list of routing-key words: no dots, no wildcard, no space."""
+
+    accepts = "a comma-separated list of words without '.', '*', '#' or spaces"
+
+    def __call__(self, variable: str, raw: str) -> tuple[str, ...]:
+        words = _items(raw)
+        for word in words:
+            if any(char in word for char in ".*#") or any(char.isspace() for char in word):
+                raise self.reject(variable, raw)
+        return words
+
+
 class _Roles(Parser):
     accepts = "a comma-separated list of roles"
 
@@ -554,6 +567,14 @@ class Config:
         "subscribed: each worker's queue is bound only to the routing keys its clients' streams"
         " need (and the order books'); all: bound to # and every worker receives everything"
         " (as Ranger and Rango)",
+    )
+    broker_books: tuple[str, ...] = _setting(
+        "RANGER_BROKER_BOOKS",
+        ("ob",),
+        _Words(),
+        "with RANGER_BROKER_ROUTING=subscribed: the order books (<event>-snap/<event>-inc) kept"
+        " bound for every market, so a new subscriber gets the cached snapshot at once; another"
+        " pair is cached only while a client of the worker holds it",
     )
     broker_unbind_delay: int = _setting(
         "RANGER_BROKER_UNBIND_DELAY",

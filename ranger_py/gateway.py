@@ -24,7 +24,7 @@ import gevent
 
 from ranger_py.app import App
 from ranger_py.auth import Auth, Authenticator
-from ranger_py.bindings import ALL_KEYS, STATIC_KEYS, Bindings
+from ranger_py.bindings import ALL_KEYS, Bindings, book_keys
 from ranger_py.clients import Clients, Limits
 from ranger_py.config import Config
 from ranger_py.connection import Connection, Tokens
@@ -52,7 +52,7 @@ class Gateway:
         self.metrics = WorkerMetrics(drop_reasons=DROP_REASONS, resync_reasons=RESYNC_REASONS)
         # RANGER_BROKER_ROUTING=subscribed: the queue follows what the router's clients hold.
         self.bindings = Bindings(
-            STATIC_KEYS if config.broker_routing == "subscribed" else ALL_KEYS,
+            book_keys(config.broker_books) if config.broker_routing == "subscribed" else ALL_KEYS,
             config.broker_unbind_delay,
             on_unbound=self._unbound,
         )

@@ -114,7 +114,9 @@ def test_snapshot_stream_itself_receives_nothing(server: Server, connect: Connec
     assert client.recv() == f'{{"{market}.trades":{{"sentinel":1}}}}'
 
 
-def test_any_snap_inc_pair_is_cached(server: Server, connect: Connect) -> None:
+def test_any_snap_inc_pair_is_cached(pool: ServerPool, connect: Connect) -> None:
+    # Other books than Peatio's are kept bound, and so cached, when named (broker-side routing).
+    server = pool.shared({"RANGER_BROKER_BOOKS": "ob,object"})
     market = unique()
     server.publish(f"public.{market}.object-snap", "[1,2,3]")
     server.publish(f"public.{market}.object-inc", "[4]")
@@ -215,3 +217,25 @@ def test_a_restarted_publishers_snapshot_goes_live(server: Server, connect: Conn
     wait_for_figures(
         server.scrape, {key(RESYNCS, reason="restart"): before.value(RESYNCS, reason="restart") + 1}
     )
+
+
+def test_a_book_not_kept_bound_is_cached_once_a_client_holds_it(
+    server: Server, connect: Connect
+) -> None:
+    market = unique()
+    server.publish(f"public.{market}.object-snap", "[1,2,3]")  # bound by nobody: not cached
+    server.sync()
+    first = connect(server, f"/?stream={market}.object-inc")
+    assert first.recv() == subscribed(f"{market}.object-inc")
+    server.publish(f"public.{market}.object-snap", "[5]")  # no book yet: sent live (§6)
+    server.publish(f"public.{market}.object-inc", "[6]")
+    assert first.recv_many(2) == [
+        f'{{"{market}.object-snap":[5]}}',
+        f'{{"{market}.object-inc":[6]}}',
+    ]
+    later = connect(server, f"/?stream={market}.object-inc")
+    assert later.recv_many(3) == [
+        f'{{"{market}.object-snap":[5]}}',
+        f'{{"{market}.object-inc":[6]}}',
+        subscribed(f"{market}.object-inc"),
+    ]
