@@ -59,8 +59,6 @@ _SNAP: Final = "-snap"
 _INC: Final = "-inc"
 # AMQP short strings: a longer key can be neither bound nor published.
 _MAX_KEY_BYTES: Final = 255
-# Keys whose coverage by the static bindings is remembered; clients name them, so it is bounded.
-_COVERED_CACHE_SIZE: Final = 4096
 
 
 def binding_keys(kind: StreamKind, name: str, uid: str) -> tuple[str, ...]:
@@ -98,16 +96,6 @@ def book_topic(key: str) -> str | None:
     return topic if topic.endswith(_INC) else None
 
 
-def _covers(pattern: str, key: str) -> bool:
-    """Whether binding ``pattern`` already brings every message ``key`` would (``*``, ``#``)."""
-    if pattern == "#":
-        return True
-    words, patterns = key.split("."), pattern.split(".")
-    return len(words) == len(patterns) and all(
-        p in ("*", w) for p, w in zip(patterns, words, strict=True)
-    )
-
-
 class _Waiter:
     __slots__ = ("callback", "keys", "left")
 
@@ -141,7 +129,6 @@ class Bindings:
         self._clock = clock
         self._on_unbound = on_unbound
         self._refs: dict[str, int] = {}  # key -> subscriptions and waiting requests holding it
-        self._wanted: set[str] = set()  # keys that are, or are being, bound
         self._idle: dict[str, float] = {}  # wanted keys no one holds -> since when (in order)
         self._todo: dict[str, bool] = {}  # key -> bind (True) or unbind, not sent yet
         self._sent: deque[tuple[int, bool, str]] = deque()  # (op number, bind?, key) awaiting reply
@@ -150,33 +137,42 @@ class Bindings:
         self._bound: set[str] = set()  # confirmed by the broker on this connection
         self._stale: set[str] = set()  # may be bound in a queue that outlived its connection
         self._waiters: dict[str, list[_Waiter]] = {}
-        self._covered: dict[str, bool] = {}
+        # The static patterns by their first word (a scope, or "#" for everything), so that
+        # covered() costs a dict lookup for most keys: it is asked on every subscribe.
+        self._covers_all = "#" in self.static
+        self._static_by_scope: dict[str, list[list[str]]] = {}
+        for pattern in self.static:
+            scope, *words = pattern.split(".")
+            self._static_by_scope.setdefault(scope, []).append(words)
         self.connected = False
 
     # -- what subscriptions need ---------------------------------------------------------------
 
     def covered(self, key: str) -> bool:
-        """Whether ``key`` needs no binding of its own (asked on every subscribe: cached).
+        """Whether ``key`` needs no binding of its own.
 
         A public stream's ``*.<m>.<e>`` stands for its ``public.`` and ``global.`` keys (the
         router drops the other scopes' messages for it): covered when both are.
         """
-        known = self._covered.get(key)
-        if known is None:
-            if key.startswith("*."):
-                rest = key[1:]
-                known = self._covered_by_static("public" + rest) and self._covered_by_static(
-                    "global" + rest
-                )
-            else:
-                known = self._covered_by_static(key)
-            if len(self._covered) >= _COVERED_CACHE_SIZE:
-                self._covered.clear()
-            self._covered[key] = known
-        return known
+        if self._covers_all:
+            return True
+        scope, _, rest = key.partition(".")
+        words = rest.split(".")
+        if scope == "*":
+            return self._covered_in("public", words) and self._covered_in("global", words)
+        return self._covered_in(scope, words)
 
-    def _covered_by_static(self, key: str) -> bool:
-        return any(_covers(pattern, key) for pattern in self.static)
+    @property
+    def dynamic(self) -> bool:
+        """Whether any key is ever bound or unbound while consuming (not ``#`` alone)."""
+        return not self._covers_all
+
+    def _covered_in(self, scope: str, words: list[str]) -> bool:
+        return any(
+            len(pattern) == len(words)
+            and all(p in ("*", w) for p, w in zip(pattern, words, strict=True))
+            for pattern in self._static_by_scope.get(scope, ())
+        )
 
     def hold(self, key: str) -> None:
         """One more subscription (or waiting request) needs ``key``."""
@@ -187,9 +183,7 @@ class Bindings:
         if self.covered(key):
             return
         self._refs[key] = 1
-        self._idle.pop(key, None)
-        if key not in self._wanted:
-            self._wanted.add(key)
+        if self._idle.pop(key, None) is None:  # not bound (or its unbinding is on its way)
             self._todo[key] = True
 
     def release(self, key: str) -> None:
@@ -232,7 +226,6 @@ class Bindings:
             if now - since < self._unbind_delay:
                 break
             del idle[key]
-            self._wanted.discard(key)
             self._todo[key] = False
 
     def pending(self) -> list[tuple[bool, str]]:
@@ -268,7 +261,7 @@ class Bindings:
 
     def declared(self) -> list[str]:
         """Every key the queue must be bound to, for its (re)declaration on a new connection."""
-        keys = [*self.static, *sorted(self._wanted)]
+        keys = [*self.static, *sorted(self._wanted())]
         self._stale.update(keys)  # bound by a declaration that may not finish
         return keys
 
@@ -278,11 +271,16 @@ class Bindings:
         static = set(self.static)
         bound = set(declared) - static
         # Bound before, or while the queue was declared, and no longer wanted.
-        extra = (self._stale | bound) - self._wanted - static
+        wanted = self._wanted()
+        extra = (self._stale | bound) - wanted - static
         self._bound = bound
         self._todo = dict.fromkeys(sorted(extra), False)
-        self._todo.update(dict.fromkeys(sorted(self._wanted - bound), True))
+        self._todo.update(dict.fromkeys(sorted(wanted - bound), True))
         self._stale.clear()
+
+    def _wanted(self) -> set[str]:
+        """Keys held, or no longer held but not unbound yet."""
+        return {*self._refs, *self._idle}
 
     def lost(self) -> None:
         """The connection is gone: nothing is confirmed, and nobody waits for it to come back."""

@@ -559,10 +559,12 @@ class Config:
         " back within it loses no message",
     )
     # "subscribed" changes nothing a client or publisher sees: only the queues' bindings, which
-    # an operator sees on the RabbitMQ dashboard (README, Broker-side routing).
+    # an operator sees on the RabbitMQ dashboard (README, Broker-side routing). Not the default
+    # yet: a subscribe that needs a new binding waits for the consumer's next wake-up (up to
+    # 50 ms), which costs connects/s when every client brings a binding of its own.
     broker_routing: str = _setting(
         "RANGER_BROKER_ROUTING",
-        "subscribed",
+        "all",
         _Choice({"subscribed": "subscribed", "all": "all"}),
         "subscribed: each worker's queue is bound only to the routing keys its clients' streams"
         " need (and the order books'); all: bound to # and every worker receives everything"

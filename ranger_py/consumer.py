@@ -58,8 +58,9 @@ class Timings:
 
     # How often heartbeats are checked. config.MIN_BROKER_HEARTBEAT relies on it being at most 1 s.
     safety_interval: float = 1.0
-    # The consume loop's longest wait for the next frame: how late an idle worker sends the
-    # binding that a subscribe request waits for, acknowledges the end of a batch or sees stop().
+    # With RANGER_BROKER_ROUTING=subscribed, the consume loop's longest wait for the next frame
+    # (else safety_interval): how late an idle worker sends the binding that a subscribe request
+    # waits for.
     idle_wakeup: float = 0.05
     # A connection attempt (TCP connect, then each step of the AMQP handshake) gives up after this
     # long, so stop() is not held up for long by a broker that accepts TCP but never answers.
@@ -84,7 +85,7 @@ class Timings:
     login_warning_interval: float = 60.0
     # Acknowledgements wait for a full batch (a quarter of the prefetch window) or this long, so
     # a steady stream costs one basic.ack per batch rather than one per message; what is left when
-    # the stream stops goes by the next wake-up (at most idle_wakeup later).
+    # the stream stops goes by the next wake-up (at most idle_wakeup or safety_interval later).
     ack_interval: float = 0.05
     # kombu's virtual transports poll their queues, once a second by default: too slow for the
     # in-memory transport of RANGER_DEMO, whose messages should arrive as fast as RabbitMQ's.
@@ -275,10 +276,12 @@ class Consumer(ConsumerMixin):
         log.info("consumer starting: exchange %r at %s", self.exchange_name, self._uri)
         timings = self.timings
         backoff = timings.backoff_min
+        # Only bindings that change while consuming need the quick wake-up.
+        wakeup = timings.idle_wakeup if self.bindings.dynamic else timings.safety_interval
         while not self.should_stop:
             self._session_consumed = False
             try:
-                for _ in self.consume(limit=None, safety_interval=timings.idle_wakeup):  # type: ignore[no-untyped-call]
+                for _ in self.consume(limit=None, safety_interval=wakeup):  # type: ignore[no-untyped-call]
                     pass
             except _StopRequestedError:
                 break

@@ -1,5 +1,5 @@
-"""RabbitMQ routes (RANGER_BROKER_ROUTING=subscribed, the default): each worker's queue is bound
-only to what its clients hold, and a subscription misses nothing published after its reply.
+"""RabbitMQ routes (RANGER_BROKER_ROUTING=subscribed): each worker's queue is bound only to what
+its clients hold, and a subscription misses nothing published after its reply.
 
 What the broker holds is read with ``rabbitmqctl list_bindings`` in the test vhost; what a worker
 received, from ``ranger_messages_received_total``.
@@ -16,11 +16,12 @@ import pytest
 from ranger_py.bindings import STATIC_KEYS
 
 from .broker import Broker
-from .harness import Connect, Server, StartServer, unique, wait_until
+from .harness import Connect, Server, ServerPool, StartServer, unique, wait_until
 from .tcp_proxy import TcpProxy
 from .tokens import SigningKey
 from .wsclient import subscribed, unsubscribed
 
+ROUTED = {"RANGER_BROKER_ROUTING": "subscribed"}
 RECEIVED = "ranger_messages_received_total"
 BINDINGS = "ranger_broker_bindings"
 
@@ -42,7 +43,7 @@ def _keys(broker: Broker, server: Server) -> set[str]:
 def test_a_queue_is_bound_to_what_its_clients_hold_and_the_order_books(
     start_server: StartServer, connect: Connect, broker: Broker, rsa: SigningKey
 ) -> None:
-    server = start_server({"JWT_PUBLIC_KEY": rsa.public_env}, name="routing")
+    server = start_server({**ROUTED, "JWT_PUBLIC_KEY": rsa.public_env}, name="routing")
     assert _keys(broker, server) == set(STATIC_KEYS)
     market, uid = unique(), unique("ID")
     trades = connect(server, f"/public?stream={market}.trades&stream=global.tickers")
@@ -69,7 +70,7 @@ def test_a_queue_is_bound_to_what_its_clients_hold_and_the_order_books(
 def test_a_worker_receives_only_what_its_clients_subscribed_to(
     start_server: StartServer, connect: Connect
 ) -> None:
-    server = start_server(name="routing")
+    server = start_server(ROUTED, name="routing")
     watched, ignored = unique(), unique()
     client = connect(server, f"/public?stream={watched}.trades")
     assert client.recv() == subscribed(f"{watched}.trades")
@@ -92,7 +93,7 @@ def test_nothing_published_after_the_reply_is_lost_under_churn(
     start_server: StartServer, connect: Connect
 ) -> None:
     # No debounce: every unsubscribe really unbinds, every subscribe binds again.
-    server = start_server({"RANGER_BROKER_UNBIND_DELAY": "0"}, name="churn")
+    server = start_server({**ROUTED, "RANGER_BROKER_UNBIND_DELAY": "0"}, name="churn")
     clients = [connect(server, "/public") for _ in range(4)]
     for client in clients:
         assert client.recv() == subscribed()
@@ -130,7 +131,7 @@ def test_nothing_published_after_the_reply_is_lost_under_churn(
 def test_an_unsubscribed_stream_stays_bound_for_the_delay(
     start_server: StartServer, connect: Connect, broker: Broker
 ) -> None:
-    server = start_server({"RANGER_BROKER_UNBIND_DELAY": "2"}, name="debounce")
+    server = start_server({**ROUTED, "RANGER_BROKER_UNBIND_DELAY": "2"}, name="debounce")
     stream = f"{unique()}.trades"
     client = connect(server, f"/public?stream={stream}")
     assert client.recv() == subscribed(stream)
@@ -144,8 +145,9 @@ def test_an_unsubscribed_stream_stays_bound_for_the_delay(
 
 
 def test_requests_sent_during_the_wait_are_answered_in_order(
-    server: Server, connect: Connect
+    pool: ServerPool, connect: Connect
 ) -> None:
+    server = pool.shared(ROUTED)
     client = connect(server, "/public")
     assert client.recv() == subscribed()
     a, b = f"{unique()}.trades", f"{unique()}.trades"
@@ -168,7 +170,9 @@ def test_a_reconnect_declares_exactly_the_current_bindings(
     start_server: StartServer, proxy: TcpProxy, connect: Connect, broker: Broker
 ) -> None:
     server = start_server(
-        {"RANGER_BROKER_UNBIND_DELAY": "0"}, rabbitmq=("127.0.0.1", proxy.port), name="redeclare"
+        {**ROUTED, "RANGER_BROKER_UNBIND_DELAY": "0"},
+        rabbitmq=("127.0.0.1", proxy.port),
+        name="redeclare",
     )
     kept, left, new = (f"{unique()}.trades" for _ in range(3))
     client = connect(server, f"/public?stream={kept}&stream={left}")

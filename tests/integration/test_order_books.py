@@ -115,8 +115,10 @@ def test_snapshot_stream_itself_receives_nothing(server: Server, connect: Connec
 
 
 def test_any_snap_inc_pair_is_cached(pool: ServerPool, connect: Connect) -> None:
-    # Other books than Peatio's are kept bound, and so cached, when named (broker-side routing).
-    server = pool.shared({"RANGER_BROKER_BOOKS": "ob,object"})
+    # With broker-side routing, other books than Peatio's are kept bound, and so cached, when named.
+    server = pool.shared(
+        {"RANGER_BROKER_ROUTING": "subscribed", "RANGER_BROKER_BOOKS": "ob,object"}
+    )
     market = unique()
     server.publish(f"public.{market}.object-snap", "[1,2,3]")
     server.publish(f"public.{market}.object-inc", "[4]")
@@ -220,8 +222,9 @@ def test_a_restarted_publishers_snapshot_goes_live(server: Server, connect: Conn
 
 
 def test_a_book_not_kept_bound_is_cached_once_a_client_holds_it(
-    server: Server, connect: Connect
+    pool: ServerPool, connect: Connect
 ) -> None:
+    server = pool.shared({"RANGER_BROKER_ROUTING": "subscribed"})
     market = unique()
     server.publish(f"public.{market}.object-snap", "[1,2,3]")  # bound by nobody: not cached
     server.sync()
