@@ -433,8 +433,9 @@ class Consumer(ConsumerMixin):
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
     ) -> None:
         self._live = connection
-        self._channel = channel
-        listen_for_binding_replies(channel, self.bindings.confirmed)
+        if self.bindings.dynamic:  # with "#" alone nothing is ever bound while consuming
+            self._channel = channel
+            listen_for_binding_replies(channel, self.bindings.confirmed)
         self.bindings.consuming(self._declared)
         self._session_consumed = True
         self._state = (True, "consuming")

@@ -61,7 +61,8 @@ class Gateway:
             max_streams=config.max_streams,
             max_increments=config.orderbook_max_increments,
             on_change=self._subscription_changed,
-            bindings=self.bindings,
+            # With "#" bound there is nothing to hold per subscription, nor anything to wait for.
+            bindings=self.bindings if self.bindings.dynamic else None,
         )
         self.clients = Clients(Limits.from_config(config), hub_loop(), self.metrics)
         # RANGER_TOKEN_EXPIRY=ignore: no deadline is ever set, so the sweep finds nothing.
